@@ -1,0 +1,3 @@
+from instructlm.cli import main
+
+raise SystemExit(main())
