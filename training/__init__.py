@@ -1,0 +1,1 @@
+"""Training-side code: the dataset pipeline (`training.data`), tokenizer training, the train loop, evaluation."""
