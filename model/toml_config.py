@@ -52,7 +52,11 @@ def convert(data: dict[str, Any], struct_type: type[T], source: str) -> T:
         known = _known_fields(struct_type, path)
         close = difflib.get_close_matches(key, known, n=1)
         where = ".".join([*path, key])
-        hint = f"; did you mean '{'.'.join([*path, close[0]])}'?" if close else f"; known keys: {', '.join(known)}"
+        hint = (
+            f"; did you mean '{'.'.join([*path, close[0]])}'?"
+            if close
+            else f"; known keys: {', '.join(known)}"
+        )
         raise ConfigError(f"{source}: unknown key '{where}'{hint}")
     try:
         return msgspec.convert(data, struct_type, strict=False)
