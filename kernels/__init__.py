@@ -1,0 +1,49 @@
+"""Triton kernels, each a triple: kernel + host wrapper (+ autograd Function) + pure-torch reference.
+
+This file imports neither torch nor triton: `import kernels` works on a CPU-only serving image. The kernel
+modules (`kernels.attention`, `kernels.decode`, `kernels.rmsnorm`, `kernels.rotary`) import triton when they
+are imported; `kernels.reference` needs torch only.
+
+Under `TRITON_INTERPRET=1` (set before the first kernel module is imported) the kernels run on CPU torch tensors,
+which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def triton_available() -> bool:
+    """True when the triton package is installed (it may still have no GPU to run on)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its numpy interpreter (CPU tensors) instead of compiling them."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_attn_backend(device) -> str:
+    """The attention backend the trainer and the torch runner should use on `device`.
+
+    "triton" when the device is CUDA and triton is installed, else "sdpa"; the choice is logged either way so a
+    run's log says which path produced its numbers.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and triton_available():
+        log.info("attention backend: triton (CUDA device %s, triton installed)", device)
+        return "triton"
+    if device.type == "cuda" and not triton_available():
+        reason = "triton is not installed"
+    elif device.type == "cuda":
+        reason = "CUDA is not available"
+    else:
+        reason = f"device is {device.type}, the Triton kernels need CUDA"
+    log.info("attention backend: sdpa (%s)", reason)
+    return "sdpa"
