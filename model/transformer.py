@@ -150,7 +150,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if backend == "triton":
+            from kernels.rotary import rotary  # fused: q and k read once, written once, layout kept
+
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attention(q, k, v, position_ids, cache=cache, layer=layer, slots=slots, backend=backend)
         # [B, H, S, D] -> [B, S, H*D]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
@@ -178,6 +183,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, position_ids, cache, layer, slots, backend) -> torch.Tensor:
+        if backend == "triton":
+            from kernels.rmsnorm import add_rmsnorm  # the residual add and the second norm in one pass
+
+            norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+            n = add_rmsnorm(x, norm1.weight, norm1.eps)[0]
+            a = self.self_attn(n, cos, sin, position_ids, cache, layer, slots, backend)
+            y, h = add_rmsnorm(a, norm2.weight, norm2.eps, residual=x)
+            return h + self.mlp(y)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, cache, layer, slots, backend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
