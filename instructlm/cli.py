@@ -16,6 +16,7 @@ from model.errors import UserError
 # Verb modules, in the order `instructlm --help` lists them. Add one line per new verb.
 COMMAND_MODULES = [
     "instructlm.commands.model",
+    "instructlm.commands.data",
 ]
 
 
