@@ -17,6 +17,7 @@ from model.errors import UserError
 COMMAND_MODULES = [
     "instructlm.commands.model",
     "instructlm.commands.data",
+    "instructlm.commands.eval",
 ]
 
 
