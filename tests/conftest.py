@@ -79,3 +79,18 @@ def tiny_checkpoint(tmp_path_factory, tiny_model, tiny_tokenizer):
     root = tmp_path_factory.mktemp("tiny")
     tiny_tokenizer.save(root / "tokenizer", model_max_length=tiny_model.config.max_position_embeddings)
     return save_checkpoint(tiny_model, root / "checkpoint", tokenizer_dir=root / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint, torch_threads):
+    """The tiny checkpoint exported once per run (served fp32 + int8 + optimum graphs, parity report; about
+    2 s). Read-only: tests that break files copy it first."""
+    import json
+
+    from export.onnx_export import export_bundle
+
+    root = tmp_path_factory.mktemp("bundle")
+    val = root / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus()[:24]))
+    export_bundle(tiny_checkpoint, root / "bundle", quantize="int8", val_data=val)
+    return root / "bundle"

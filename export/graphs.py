@@ -1,0 +1,126 @@
+"""The two graphs the exporter traces, written over the model's own modules so their weights are shared.
+
+`ServedGraph` is built for the serving engine's slot cache; `OptimumGraph` has the input/output names that
+optimum, transformers.js and onnxruntime-genai style tools expect. Both reuse `model.transformer`'s norms,
+projections, rotary tables and MLPs; only attention differs, because the cache is outside the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.transformer import Transformer, apply_rotary
+
+
+def _project_qkv(layer, x, cos, sin):
+    """Normed input x [B,S,H] -> rotated q [B,H,S,D], rotated k [B,KV,S,D], v [B,KV,S,D]."""
+    attn = layer.self_attn
+    b, s, _ = x.shape
+    # [B, S, heads*D] -> [B, S, heads, D] -> [B, heads, S, D]
+    q = attn.q_proj(x).view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, attn.n_kv, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, s, attn.n_kv, attn.head_dim).transpose(1, 2)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def _grouped_attention(q, keys, values, allowed):
+    """q [B,H,S,D]; keys/values [B,KV,T,D]; allowed [B,S,T] bool -> [B,S,H*D].
+
+    Query heads are grouped onto their KV head by a reshape instead of repeating keys/values (repeat_kv would
+    copy the whole gathered past n_rep times per layer per step)."""
+    b, h, s, d = q.shape
+    kv, t = keys.shape[1], keys.shape[2]
+    rep = h // kv
+    qg = q.reshape(b, kv, rep * s, d)  # [B, KV, rep*S, D]: head h = kv * rep + r, as repeat_kv orders them
+    scores = torch.matmul(qg, keys.transpose(2, 3)) * (1.0 / math.sqrt(d))  # [B, KV, rep*S, T]
+    scores = scores.view(b, kv, rep, s, t)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(b, kv, rep * s, t)
+    out = torch.matmul(probs, values)  # [B, KV, rep*S, D]
+    # [B, KV, rep*S, D] -> [B, H, S, D] -> [B, S, H*D]
+    return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+
+
+class ServedGraph(nn.Module):
+    """One forward over the engine's slot cache, for any mix of prefill chunks and decode rows.
+
+    Inputs
+      input_ids [B,S] int64        right-padded rows
+      position_ids [B,S] int64     row b holds positions start_b.. ; -1 marks padding (output ignored)
+      logits_index [B,N] int64     which positions of each row get logits: N=1 (last token) or every position
+      kv_index [B,KV,L] int64      row of each past position in the flattened cache: (slot*KV + h)*max_len + l
+      past_key.{i}, past_value.{i} [R, D] float32   the whole cache of layer i, flattened to rows of head_dim
+    Outputs
+      logits [B,N,V]; new_key.{i}, new_value.{i} [B,KV,S,D] for the runner to write at positions start_b..
+
+    Past position l of row b is visible when l < start_b; the new tokens see each other causally. The graph
+    never copies the cache: it gathers only the L positions this batch reads (L = the longest row's start).
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, logits_index, kv_index, *past):
+        m = self.model
+        b, s = input_ids.shape
+        length = kv_index.shape[2]
+        safe_pos = position_ids.clamp(min=0)
+        cos, sin = m.rope_cos[safe_pos], m.rope_sin[safe_pos]  # [B, S, D]
+        start = position_ids[:, :1]  # [B, 1]: the first position of each row is never padding
+        past_ok = torch.arange(length, device=input_ids.device)[None, :] < start  # [B, L]
+        new_ok = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()  # [S, S] causal
+        allowed = torch.cat([past_ok[:, None, :].expand(b, s, length), new_ok[None].expand(b, s, s)], dim=2)
+        x = m.embed_tokens(input_ids)
+        new_kv = []
+        for i, layer in enumerate(m.layers):
+            q, k, v = _project_qkv(layer, layer.input_layernorm(x), cos, sin)
+            past_k, past_v = past[2 * i], past[2 * i + 1]
+            # Gather [R, D] at [B, KV, L] -> [B, KV, L, D]: only this batch's rows, only their used positions.
+            keys = torch.cat([past_k[kv_index], k], dim=2)
+            values = torch.cat([past_v[kv_index], v], dim=2)
+            h = x + layer.self_attn.o_proj(_grouped_attention(q, keys, values, allowed))
+            x = h + layer.mlp(layer.post_attention_layernorm(h))
+            new_kv += [k, v]
+        hidden = m.norm(x)  # [B, S, H]
+        picked = torch.gather(hidden, 1, logits_index[:, :, None].expand(-1, -1, hidden.shape[2]))  # [B,N,H]
+        return (m.lm_head(picked), *new_kv)
+
+
+class OptimumGraph(nn.Module):
+    """The layout optimum's `text-generation-with-past` export uses for Llama.
+
+    input_ids [B,S], attention_mask [B,P+S] (1 = real token, left padding allowed), position_ids [B,S],
+    past_key_values.{i}.key|value [B,KV,P,D] -> logits [B,S,V], present.{i}.key|value [B,KV,P+S,D].
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        m = self.model
+        b, s = input_ids.shape
+        total = attention_mask.shape[1]
+        p = total - s
+        safe_pos = position_ids.clamp(min=0)
+        cos, sin = m.rope_cos[safe_pos], m.rope_sin[safe_pos]
+        # Query i sits at cache index p + i and sees indices 0..p+i that the attention mask marks real.
+        q_idx = torch.arange(s, device=input_ids.device)[:, None] + p  # [S, 1]
+        causal = torch.arange(total, device=input_ids.device)[None, :] <= q_idx  # [S, P+S]
+        allowed = causal[None] & attention_mask[:, None, :].bool()  # [B, S, P+S]
+        # A fully masked query row (left padding) would give NaN; let it see itself, its output is ignored.
+        allowed = allowed | (torch.arange(total, device=input_ids.device)[None, :] == q_idx)[None]
+        x = m.embed_tokens(input_ids)
+        presents = []
+        for i, layer in enumerate(m.layers):
+            q, k, v = _project_qkv(layer, layer.input_layernorm(x), cos, sin)
+            keys = torch.cat([past[2 * i], k], dim=2)
+            values = torch.cat([past[2 * i + 1], v], dim=2)
+            h = x + layer.self_attn.o_proj(_grouped_attention(q, keys, values, allowed))
+            x = h + layer.mlp(layer.post_attention_layernorm(h))
+            presents += [keys, values]
+        return (m.lm_head(m.norm(x)), *presents)

@@ -1,0 +1,316 @@
+"""The torch-free ONNX runner core: open a bundle, check it, own the slot KV cache, run prefill and decode.
+
+The serving engine wraps `OnnxRunner` (service/runners/onnx.py). Imports: numpy, onnxruntime and the torch-free
+parts of `model` only, so the CPU serving image needs no torch.
+
+The cache lives in numpy, preallocated: k, v [layers, slots, kv_heads, max_len, head_dim]. Each layer's slice is
+bound to the session once through IO binding as a flat [slots*kv_heads*max_len, head_dim] view (no copy: the
+OrtValue aliases the numpy memory), the graph gathers only the positions a call reads, and the runner writes
+the new keys/values the graph returns in place with one fancy-index assignment per layer. Nothing grows, and
+no step copies the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import ModelConfig
+from model.errors import CheckpointError
+
+REPORT = "export_report.json"
+SERVED = "model.onnx"
+SERVED_INT8 = "model.int8.onnx"
+OPTIMUM = "optimum/model.onnx"
+# Files every bundle carries beside its graphs (the tokenizer's and transformers' names).
+BUNDLE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", REPORT)
+BUNDLE_FORMAT = "instructlm-onnx-bundle"
+BUNDLE_VERSION = 1
+# The served graph's fixed inputs; past_key.{i} / past_value.{i} follow, one pair per layer.
+SERVED_INPUTS = ("input_ids", "position_ids", "logits_index", "kv_index")
+
+
+class BundleError(CheckpointError):
+    """A bundle directory is missing a file, or a file does not match what the rest of the bundle says."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    config: ModelConfig
+    report: dict[str, Any]
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def open_bundle(path: str | Path, model_file: str = SERVED, verify_hash: bool = True) -> Bundle:
+    """Check that a bundle directory is complete and self-consistent; every error names the file and what was
+    expected. `verify_hash` re-hashes the graph file against export_report.json (about 30 ms per 100 MB)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle directory does not exist")
+    for name in BUNDLE_FILES:
+        if not (path / name).is_file():
+            raise BundleError(
+                f"{path / name}: missing (a bundle holds {', '.join(BUNDLE_FILES)} and the graphs)"
+            )
+    try:
+        report = json.loads((path / REPORT).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path / REPORT}: not valid JSON ({exc})") from None
+    if not isinstance(report, dict) or report.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{path / REPORT}: not an instructlm bundle report (expected format {BUNDLE_FORMAT!r})"
+        )
+    if report.get("version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"{path / REPORT}: bundle version {report.get('version')!r}, this runner reads {BUNDLE_VERSION}"
+        )
+    config = ModelConfig.load(path / "config.json")
+    expected = report.get("config", {})
+    for key, value in expected.items():
+        got = getattr(config, key, None)
+        if got != value:
+            raise BundleError(
+                f"{path / 'config.json'}: {key} is {got!r} but {REPORT} says the graphs were exported with {value!r}"
+            )
+    entry = report.get("files", {}).get(model_file)
+    graph = path / model_file
+    if entry is None:
+        raise BundleError(
+            f"{path / REPORT}: has no entry for {model_file} (listed: {', '.join(report.get('files', {}))})"
+        )
+    if not graph.is_file():
+        raise BundleError(f"{graph}: missing ({REPORT} lists it)")
+    size = graph.stat().st_size
+    if size != entry.get("bytes"):
+        raise BundleError(
+            f"{graph}: {size} bytes, {REPORT} expects {entry.get('bytes')} (truncated or replaced?)"
+        )
+    if verify_hash and sha256_file(graph) != entry.get("sha256"):
+        raise BundleError(f"{graph}: sha256 differs from the one in {REPORT} (file corrupted or replaced)")
+    gen_file = path / "generation_config.json"
+    try:
+        gen = json.loads(gen_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{gen_file}: not valid JSON ({exc})") from None
+    return Bundle(path=path, config=config, report=report, generation_config=gen)
+
+
+def pick_providers(prefer_cuda: bool = True) -> list[str]:
+    """CUDA first only when onnxruntime-gpu is installed; whether it actually works is checked on the real
+    session (`OnnxRunner.providers`), because onnxruntime-gpu lists CUDA even where no device or driver exists."""
+    import onnxruntime as ort
+
+    if prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _dims(value_info) -> list[Any]:
+    return list(value_info.shape)
+
+
+class OnnxRunner:
+    """The Runner interface over the served graph: `prefill`, `decode`, `copy_prefix`, `release`.
+
+    One engine thread calls it; it is not thread-safe.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        num_slots: int = 8,
+        max_len: int | None = None,
+        *,
+        model_file: str = SERVED,
+        threads: int = 1,
+        providers: Sequence[str] | None = None,
+        verify_hash: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, model_file, verify_hash)
+        self.config = cfg = self.bundle.config
+        self.num_slots = int(num_slots)
+        self.max_len = int(max_len or cfg.max_position_embeddings)
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+        if not 1 <= self.max_len <= cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_len must be in 1..{cfg.max_position_embeddings} (max_position_embeddings), got {max_len}"
+            )
+        self.model_file = self.bundle.file(model_file)
+        opts = ort.SessionOptions()
+        # 2 cores shared: an unset pool oversubscribes (a prefill ran 25x slower); the caller says how many.
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # The saved graph is already optimized at export; basic fusions only re-check it, quickly.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        requested = list(providers) if providers is not None else pick_providers()
+        try:
+            self.session = ort.InferenceSession(str(self.model_file), opts, providers=requested)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"{self.model_file}: onnxruntime cannot load it ({exc})") from None
+        # What onnxruntime actually registered: CUDA is dropped here when its libraries or device are absent.
+        self.providers = self.session.get_providers()
+        self._check_graph()
+
+        n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        shape = (n, self.num_slots, kv, self.max_len, d)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.lengths = np.zeros(self.num_slots, dtype=np.int64)
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self._io = self.session.io_binding()
+        # Bound once: OrtValues over the numpy memory (CPU), so in-place writes are seen by the next run.
+        self._past = []
+        for i in range(n):
+            for kind, cache in (("key", self.k), ("value", self.v)):
+                ov = ort.OrtValue.ortvalue_from_numpy(cache[i].reshape(-1, d))  # [slots*KV*max_len, D] view
+                self._io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
+                self._past.append(ov)
+        self._outputs = ["logits"] + [f"new_{kind}.{i}" for i in range(n) for kind in ("key", "value")]
+        # Row offsets of (slot, kv head) in the flat cache view: kv_index = base[slot, h] + position.
+        self._base = (np.arange(self.num_slots * kv, dtype=np.int64) * self.max_len).reshape(
+            self.num_slots, kv
+        )
+
+    # --- checks ------------------------------------------------------------------------------------------
+    def _check_graph(self) -> None:
+        cfg, f = self.config, self.model_file
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        n = cfg.num_hidden_layers
+        want_in = [*SERVED_INPUTS] + [f"past_{k}.{i}" for i in range(n) for k in ("key", "value")]
+        missing = [name for name in want_in if name not in inputs]
+        if missing:
+            layers = sum(1 for name in inputs if name.startswith("past_key."))
+            raise BundleError(
+                f"{f}: graph lacks input(s) {', '.join(missing[:4])}; config.json has {n} layers, "
+                f"the graph has {layers}"
+            )
+        extra = sorted(set(inputs) - set(want_in))
+        if extra:
+            raise BundleError(
+                f"{f}: graph has input(s) {', '.join(extra[:4])} that config.json ({n} layers) lacks"
+            )
+        past_d = _dims(inputs["past_key.0"])[-1]
+        if past_d != cfg.head_dim:
+            raise BundleError(f"{f}: past_key.0 has head_dim {past_d}, config.json implies {cfg.head_dim}")
+        kv = _dims(inputs["kv_index"])[1]
+        if kv != cfg.num_key_value_heads:
+            raise BundleError(f"{f}: kv_index has {kv} KV heads, config.json says {cfg.num_key_value_heads}")
+        vocab = _dims(outputs["logits"])[-1] if "logits" in outputs else None
+        if vocab != cfg.vocab_size:
+            raise BundleError(f"{f}: logits have vocab {vocab}, config.json says {cfg.vocab_size}")
+
+    def _check_rows(self, slots: Sequence[int], ends: Sequence[int]) -> None:
+        for slot, end in zip(slots, ends, strict=True):
+            if not 0 <= slot < self.num_slots:
+                raise ValueError(f"slot {slot} out of range 0..{self.num_slots - 1}")
+            if end > self.max_len:
+                raise ValueError(f"slot {slot}: position {end - 1} is past the cache length {self.max_len}")
+
+    # --- the Runner interface ----------------------------------------------------------------------------
+    def _run(self, ids, pos, logits_index, slots, past_len):
+        kv_index = self._base[slots][:, :, None] + np.arange(past_len, dtype=np.int64)  # [B, KV, L]
+        for name, arr in zip(SERVED_INPUTS, (ids, pos, logits_index, kv_index), strict=True):
+            self._io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
+        # Outputs change shape every call: rebind unallocated so onnxruntime sizes them (a bound output keeps
+        # the previous call's buffer and its shape).
+        self._io.clear_binding_outputs()
+        for name in self._outputs:
+            self._io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self._io)
+        out = self._io.get_outputs()
+        return out[0].numpy(), [o.numpy() for o in out[1:]]
+
+    def prefill(
+        self,
+        rows: Sequence[Sequence[int]],
+        slots: Sequence[int],
+        starts: Sequence[int],
+        all_logits: bool = False,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Row i's tokens go to positions starts[i].. of slot slots[i]; positions below starts[i] must already be
+        in the slot. Returns float32 [B, V] (each row's last token) or, with all_logits, a list of [len_i, V]."""
+        b = len(rows)
+        if not (b == len(slots) == len(starts)) or b == 0:
+            raise ValueError(
+                f"prefill: {len(rows)} rows, {len(slots)} slots, {len(starts)} starts (need equal, >0)"
+            )
+        lens = np.array([len(r) for r in rows], dtype=np.int64)
+        if (lens == 0).any():
+            raise ValueError(f"prefill: row {int(np.argmin(lens))} is empty")
+        starts_a = np.asarray(starts, dtype=np.int64)
+        slots_a = np.asarray(slots, dtype=np.int64)
+        self._check_rows(slots, (starts_a + lens).tolist())
+        s = int(lens.max())
+        ids = np.full((b, s), self.pad_id, dtype=np.int64)
+        pos = np.full((b, s), -1, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : lens[i]] = r
+            pos[i, : lens[i]] = np.arange(starts_a[i], starts_a[i] + lens[i])
+        if all_logits:
+            logits_index = np.minimum(
+                np.arange(s)[None, :], (lens - 1)[:, None]
+            )  # padding -> last real token
+        else:
+            logits_index = (lens - 1)[:, None]
+        logits, new_kv = self._run(ids, pos, logits_index, slots_a, int(starts_a.max()))
+        b_idx, s_idx = np.nonzero(pos >= 0)
+        slot_idx, pos_idx = slots_a[b_idx], pos[b_idx, s_idx]
+        for i in range(self.config.num_hidden_layers):
+            # [slot, :, pos] <- new[b, :, s]: both sides [N, KV, D]
+            self.k[i][slot_idx, :, pos_idx] = new_kv[2 * i][b_idx, :, s_idx]
+            self.v[i][slot_idx, :, pos_idx] = new_kv[2 * i + 1][b_idx, :, s_idx]
+        self.lengths[slots_a] = starts_a + lens
+        if all_logits:
+            return [logits[i, : lens[i]] for i in range(b)]
+        return logits[:, 0]
+
+    def decode(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token per row at `positions` of `slots` -> float32 logits [B, V]."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        slots_a = np.asarray(slots, dtype=np.int64).reshape(-1)
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if not (len(tokens) == len(slots_a) == len(pos)) or len(tokens) == 0:
+            raise ValueError(f"decode: {len(tokens)} tokens, {len(slots_a)} slots, {len(pos)} positions")
+        self._check_rows(slots_a.tolist(), (pos + 1).tolist())
+        logits, new_kv = self._run(
+            tokens[:, None], pos[:, None], np.zeros((len(tokens), 1), np.int64), slots_a, int(pos.max())
+        )
+        for i in range(self.config.num_hidden_layers):
+            self.k[i][slots_a, :, pos] = new_kv[2 * i][:, :, 0]  # [B, KV, D]
+            self.v[i][slots_a, :, pos] = new_kv[2 * i + 1][:, :, 0]
+        self.lengths[slots_a] = pos + 1
+        return logits[:, 0]
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Prefix-cache hit: the first `length` positions of `src_slot` into `dst_slot`."""
+        self._check_rows([src_slot, dst_slot], [length, length])
+        self.k[:, dst_slot, :, :length] = self.k[:, src_slot, :, :length]
+        self.v[:, dst_slot, :, :length] = self.v[:, src_slot, :, :length]
+        self.lengths[dst_slot] = length
+
+    def release(self, slot: int) -> None:
+        """Free a slot: only its length resets; stale entries are never read (the graph masks l >= start)."""
+        self._check_rows([slot], [0])
+        self.lengths[slot] = 0

@@ -1,0 +1,209 @@
+"""The torch-free ONNX runner core over the tiny bundle: ragged batches against PyTorch, slot bookkeeping,
+a run with torch absent, and bundles with a missing or mismatched file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.runtime import BundleError, OnnxRunner, open_bundle, pick_providers
+from model.cache import KVCache
+from model.generate import ragged_batch
+
+# The issue's gate for fp32 graphs; measured errors are about 4e-7.
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_bundle):
+    return OnnxRunner(tiny_bundle, num_slots=6, max_len=96, threads=1)
+
+
+def _torch_prefill(model, cache, rows, slots, starts):
+    ids, pos = ragged_batch(rows, starts)
+    with torch.no_grad():
+        return model(ids, pos, cache, torch.tensor(slots))
+
+
+def test_ragged_prefill_chunks_and_decode_match_pytorch(tiny_model, runner):
+    rng = np.random.default_rng(1)
+    v = tiny_model.config.vocab_size
+    rows = [rng.integers(3, v, n).tolist() for n in (9, 2, 17, 5)]
+    slots = [4, 0, 2, 5]  # not the row order: the graph must index the cache by slot
+    for s in range(runner.num_slots):
+        runner.release(s)
+    cache = KVCache(tiny_model.config, runner.num_slots, runner.max_len)
+
+    got = runner.prefill(rows, slots, [0, 0, 0, 0], all_logits=True)
+    ref = _torch_prefill(tiny_model, cache, rows, slots, [0, 0, 0, 0])
+    assert [g.shape for g in got] == [(len(r), v) for r in rows]
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(got[i], ref[i, : len(r)].numpy(), atol=TOL, rtol=0)
+    assert runner.lengths[slots].tolist() == [9, 2, 17, 5]
+
+    # A second chunk of different lengths on top of different past lengths (chunked prefill).
+    rows2 = [rng.integers(3, v, n).tolist() for n in (4, 11, 1)]
+    slots2, starts2 = [0, 4, 5], [2, 9, 5]
+    got = runner.prefill(rows2, slots2, starts2)
+    ref = _torch_prefill(tiny_model, cache, rows2, slots2, starts2)
+    last = ref[torch.arange(3), torch.tensor([3, 10, 0])].numpy()
+    assert got.shape == (3, v)
+    np.testing.assert_allclose(got, last, atol=TOL, rtol=0)
+
+    # Decode all four slots together for 10 steps, each at its own position.
+    slots_d = np.array([4, 0, 2, 5])
+    positions = np.array([20, 6, 17, 6])
+    tokens = rng.integers(3, v, 4)
+    for _ in range(10):
+        got = runner.decode(tokens, slots_d, positions)
+        with torch.no_grad():
+            ref = tiny_model(
+                torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache, torch.tensor(slots_d)
+            )[:, 0].numpy()
+        np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+        tokens, positions = ref.argmax(-1), positions + 1
+    # The cache the runner wrote equals PyTorch's, position for position.
+    for slot, n in zip(slots_d, positions, strict=True):
+        np.testing.assert_allclose(
+            runner.k[:, slot, :, :n], cache.k[:, slot, :, :n].numpy(), atol=TOL, rtol=0
+        )
+        np.testing.assert_allclose(
+            runner.v[:, slot, :, :n], cache.v[:, slot, :, :n].numpy(), atol=TOL, rtol=0
+        )
+
+
+def test_copy_prefix_and_release(tiny_model, runner):
+    rng = np.random.default_rng(2)
+    v = tiny_model.config.vocab_size
+    prompt = rng.integers(3, v, 12).tolist()
+    runner.prefill([prompt], [1], [0])
+    # Slot 3 gets slot 1's first 8 positions, then prefills the last 4 itself: same logits as a full prefill.
+    runner.copy_prefix(1, 3, 8)
+    assert runner.lengths[3] == 8
+    tail = runner.prefill([prompt[8:]], [3], [8])
+    full = runner.prefill([prompt], [2], [0])
+    np.testing.assert_allclose(tail, full, atol=TOL, rtol=0)
+    # A released slot reused for a shorter prompt never reads the stale positions past it.
+    runner.release(2)
+    assert runner.lengths[2] == 0
+    short = prompt[:3]
+    again = runner.prefill([short], [2], [0])
+    with torch.no_grad():
+        ref = tiny_model(torch.tensor([short]))[0, -1].numpy()
+    np.testing.assert_allclose(again[0], ref, atol=TOL, rtol=0)
+
+
+def test_bad_rows_are_refused(runner):
+    with pytest.raises(ValueError, match="slot 6 out of range"):
+        runner.decode(np.array([5]), np.array([6]), np.array([0]))
+    with pytest.raises(ValueError, match="past the cache length 96"):
+        runner.prefill([[5] * 10], [0], [90])
+    with pytest.raises(ValueError, match="row 1 is empty"):
+        runner.prefill([[5], []], [0, 1], [0, 0])
+
+
+def test_providers_are_what_onnxruntime_registered(runner):
+    # No CUDA build here: CPU only, and the runner reports the session's real providers, not the wish list.
+    assert pick_providers() == ["CPUExecutionProvider"]
+    assert runner.providers == ["CPUExecutionProvider"]
+
+
+def test_runs_without_torch(tiny_bundle, tiny_model, tmp_path):
+    """The serving image has no torch: a subprocess where `import torch` fails runs a ragged batch."""
+    rows = [[5, 9, 13, 200, 7], [42, 8]]
+    ids, pos = ragged_batch(rows)
+    with torch.no_grad():
+        ref = tiny_model(ids, pos)
+    np.save(tmp_path / "ref.npy", ref[torch.arange(2), torch.tensor([4, 1])].numpy())
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+from export.runtime import OnnxRunner
+r = OnnxRunner({str(tiny_bundle)!r}, num_slots=2, max_len=32)
+got = r.prefill({rows!r}, [1, 0], [0, 0])
+ref = np.load({str(tmp_path / "ref.npy")!r})
+print(float(np.abs(got - ref).max()))
+assert not any(m == "torch" or m.startswith("torch.") for m, v in sys.modules.items() if v is not None)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) <= TOL
+
+
+# --- bad bundles ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def test_missing_file_is_named(bundle_copy):
+    (bundle_copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"tokenizer\.json: missing"):
+        open_bundle(bundle_copy)
+
+
+def test_missing_graph_is_named(bundle_copy):
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"model\.onnx: missing"):
+        OnnxRunner(bundle_copy)
+
+
+def test_truncated_graph_is_caught(bundle_copy):
+    data = (bundle_copy / "model.onnx").read_bytes()
+    (bundle_copy / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        BundleError, match=rf"model\.onnx: {len(data) // 2} bytes, export_report\.json expects {len(data)}"
+    ):
+        open_bundle(bundle_copy)
+
+
+def test_corrupted_graph_is_caught(bundle_copy):
+    data = bytearray((bundle_copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 differs"):
+        open_bundle(bundle_copy)
+
+
+def test_config_that_does_not_match_the_graphs(bundle_copy):
+    cfg = json.loads((bundle_copy / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (bundle_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        BundleError, match=r"config\.json: num_hidden_layers is 3 but export_report\.json says .* 2"
+    ):
+        open_bundle(bundle_copy)
+
+
+def test_graph_that_does_not_match_config_and_report(bundle_copy):
+    # Both config.json and the report claim 3 layers: only the graph itself can tell.
+    for name in ("config.json",):
+        cfg = json.loads((bundle_copy / name).read_text())
+        cfg["num_hidden_layers"] = 3
+        (bundle_copy / name).write_text(json.dumps(cfg))
+    report = json.loads((bundle_copy / "export_report.json").read_text())
+    report["config"]["num_hidden_layers"] = 3
+    (bundle_copy / "export_report.json").write_text(json.dumps(report))
+    with pytest.raises(
+        BundleError, match=r"model\.onnx: graph lacks input\(s\) past_key\.2.*3 layers, the graph has 2"
+    ):
+        OnnxRunner(bundle_copy)
+
+
+def test_unknown_report_is_refused(bundle_copy):
+    (bundle_copy / "export_report.json").write_text("{not json")
+    with pytest.raises(BundleError, match=r"export_report\.json: not valid JSON"):
+        open_bundle(bundle_copy)
