@@ -19,6 +19,7 @@ both compile it. Under TRITON_INTERPRET=1 fixed block sizes are used; on a GPU t
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -373,14 +374,21 @@ def _attn_bwd_dq_kernel(
 
 # --- host side -------------------------------------------------------------------------------------------------
 
-# GPU forward configs: the Triton tutorial's space for Hopper-class parts (BLOCK_M 64/128, BLOCK_N 32/64/128).
+# GPU forward configs: the Triton fused-attention tutorial's Hopper choices (BLOCK_M 128, BLOCK_N 64/128,
+# 4 or 8 warps, 3-4 stages) plus 64-row tiles for short or ragged chunks; 8 configs keep the one-off compile
+# of a new (head_dim, group, dtype) under a minute.
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm in (64, 128)
-    for bn in (32, 64, 128)
-    for w in (4, 8)
-    for s in (2, 3, 4)
-    if not (bm == 128 and bn == 128 and s == 4)  # 128x128 tiles in 4 stages overflow shared memory at D=128
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in (
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 128, 8, 2),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 64, 4, 4),
+        (64, 128, 4, 3),
+    )
 ]
 _attn_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=["TUNE_KEY", "HEAD_DIM", "GROUP", "HAS_SEG", "IEEE"]
@@ -409,6 +417,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("q/k/v need a contiguous last (head) dimension")
 
 
+def _tiles(block: int | tuple[int, int] | None, default: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) from a forced size (one int for both, or a pair) or the default."""
+    if block is None:
+        return default, default
+    return (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+
+
 def _launch_fwd(q, k, v, kv_index, q_start, q_len, seg_start, sm_scale, block=None):
     b, h, s, d = q.shape
     group = h // k.shape[1]
@@ -424,9 +439,13 @@ def _launch_fwd(q, k, v, kv_index, q_start, q_len, seg_start, sm_scale, block=No
     )  # fmt: skip
     meta = dict(GROUP=group, HEAD_DIM=d, HAS_SEG=has_seg, IEEE=q.dtype == torch.float32)
     if block is not None or interpreting() or q.device.type != "cuda":
-        bm = bn = block or INTERPRET_BLOCK
+        bm, bn = _tiles(block, INTERPRET_BLOCK)
         grid = (triton.cdiv(s, bm), b * h)
         _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    elif os.environ.get("INSTRUCTLM_TRITON_AUTOTUNE", "1") == "0":
+        # One fixed config, no tuning sweep: each new shape then compiles once instead of 8 times (test runs).
+        grid = (triton.cdiv(s, 64), b * h)
+        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     else:
         grid = lambda m: (triton.cdiv(s, m["BLOCK_M"]), b * h)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **meta)
@@ -444,7 +463,7 @@ def _launch_bwd(q, k, v, o, lse, do, seg_start, seg_end, sm_scale, block=None):
     dv = torch.empty_like(v)
     on_gpu = q.device.type == "cuda" and not interpreting()
     # Backward holds q, k, v, dO and two accumulators per program: 64x64 tiles fit shared memory at D=128.
-    bm = bn = block or (64 if on_gpu else INTERPRET_BLOCK)
+    bm, bn = _tiles(block, 64 if on_gpu else INTERPRET_BLOCK)
     meta = dict(GROUP=group, HEAD_DIM=d, IEEE=q.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn)
     extra = dict(num_warps=4 if d <= 64 else 8, num_stages=2) if on_gpu else {}
     _attn_bwd_dkdv_kernel[(triton.cdiv(s, bn), b * kv)](
@@ -487,12 +506,13 @@ def attention_packed(
     v: torch.Tensor,
     position_ids: torch.Tensor,
     sm_scale: float | None = None,
-    block: int | None = None,
+    block: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention over packed rows, differentiable. q [B,H,S,D], k/v [B,KV,S,D], position_ids [B,S]
     (restarting at 0 where an example starts; -1 for right padding) -> [B,H,S,D].
 
-    `block` forces BLOCK_M = BLOCK_N (tests); by default the GPU autotunes the forward.
+    `block` forces the tile sizes, BLOCK_M = BLOCK_N or a (BLOCK_M, BLOCK_N) pair (tests); by default the
+    GPU autotunes the forward.
     """
     _check(q, k, v)
     if k.shape[2] != q.shape[2] or position_ids.shape != (q.shape[0], q.shape[2]):
@@ -514,7 +534,7 @@ def attention_prefill_cached(
     q_start: torch.Tensor,
     q_len: torch.Tensor,
     sm_scale: float | None = None,
-    block: int | None = None,
+    block: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """A prefill chunk over the slot cache, read in place (forward only).
 

@@ -14,6 +14,7 @@ so the last split is ragged and trailing splits of short rows are empty (log-sum
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -151,6 +152,11 @@ MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
     """Enough (row, KV head, split) programs to fill the GPU twice over, never splits under 256 keys.
 
@@ -158,7 +164,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torc
     """
     if device.type != "cuda" or interpreting():
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.cdiv(2 * sms, max(1, batch * num_kv_heads))
     return int(max(1, min(want, triton.cdiv(max_len, MIN_KEYS_PER_SPLIT), MAX_SPLITS)))
 
@@ -205,6 +211,6 @@ def decode_attention(
     )  # fmt: skip
     _decode_merge_kernel[(b * h,)](
         part_o, part_lse, out, out.stride(0), out.stride(1), h,
-        HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+        HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
     )  # fmt: skip
     return out

@@ -77,6 +77,26 @@ def test_packed_small_tiles_cross_segments_and_diagonal(device):
     _run_packed(70, 2, 32, torch.float32, device, block=16)
 
 
+@pytest.mark.parametrize("block", [(32, 16), (16, 32)], ids=["tall", "wide"])
+def test_packed_unequal_tiles(block, device):
+    """The GPU autotuner picks BLOCK_M != BLOCK_N (128x64, 64x128): range rounding must hold for both."""
+    _run_packed(70, 2, 32, torch.float32, device, block=block)
+
+
+def test_cached_unequal_tiles(device):
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache = (
+        torch.randn(3, 2, 128, 32, generator=gen, dtype=torch.float64).to(device) for _ in range(2)
+    )
+    q = torch.randn(2, 4, 45, 32, generator=gen, dtype=torch.float64).to(device)
+    args = [t.to(device) for t in (torch.tensor([2, 0]), torch.tensor([17, 40]), torch.tensor([45, 30]))]
+    o64 = ref.attention_cached_ref(q, k_cache, v_cache, *args)
+    o32 = ref.attention_cached_ref(q.float(), k_cache.float(), v_cache.float(), *args)
+    for block in ((32, 16), (16, 32)):
+        out = attention_prefill_cached(q.float(), k_cache.float(), v_cache.float(), *args, block=block)
+        assert_rule(f"cached {block}", out, o64, o32)
+
+
 def test_packed_never_crosses_an_example_boundary(device):
     """Changing the keys/values of the first example must leave the second example's outputs unchanged."""
     gen = torch.Generator().manual_seed(0)
