@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "instructlm.commands.model",
     "instructlm.commands.data",
     "instructlm.commands.eval",
+    "instructlm.commands.viz",
     "instructlm.commands.tokenizer",
     "instructlm.commands.train",
 ]
