@@ -7,6 +7,7 @@ import copy
 import re
 
 import jsonschema
+import msgspec
 import pytest
 import yaml
 
@@ -165,7 +166,7 @@ def test_server_pod_probes_drain_security_and_scratch(rendered, name):
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
     env = env_of(out)
-    for path in ("/tmp", env["PROMETHEUS_MULTIPROC_DIR"], env["XDG_CACHE_HOME"]):
+    for path in ("/tmp", env["XDG_CACHE_HOME"]):
         assert path in mounts, f"{name}: {path} is not mounted"
         assert "emptyDir" in volumes[mounts[path]], f"{name}: {path} is not an emptyDir"
         assert volumes[mounts[path]]["emptyDir"].get("sizeLimit"), f"{name}: {path} has no size limit"
@@ -342,3 +343,27 @@ def deep_merge(base: dict, override: dict) -> dict:
         else:
             base[key] = value
     return base
+
+
+@pytest.mark.parametrize("name", ["default", "api-keys", "long-drain"])
+def test_configmap_settings_are_the_service_settings(rendered, name):
+    """Every INSTRUCTLM_* variable the chart sets is a field of service.settings.Settings (the service ignores
+    unknown names, so a rename there would silently drop a setting here), and the values load."""
+    from service.settings import Settings, from_env, load_settings
+
+    out = rendered[name]
+    env = {k: v for k, v in env_of(out).items() if k.startswith("INSTRUCTLM_")}
+    (server,) = [c for c in server_pod(out)["containers"] if c["name"] == "server"]
+    for entry in server.get("env", []):
+        if entry["name"].startswith("INSTRUCTLM_"):
+            env[entry["name"]] = entry.get("value", "sk-from-a-secret-0123456789")
+    fields = {f.encode_name for f in msgspec.inspect.type_info(Settings).fields}
+    unknown = sorted(k for k in env if k.removeprefix("INSTRUCTLM_").lower() not in fields)
+    assert not unknown, f"chart sets variables the service ignores: {unknown}"
+    assert set(from_env(env)) == {k.removeprefix("INSTRUCTLM_").lower() for k in env}
+    settings = load_settings(environ=env)
+    assert settings.model == env["INSTRUCTLM_MODEL"]
+    assert settings.host == "0.0.0.0" and settings.port == 8000
+    assert settings.drain_timeout_s == float(env["INSTRUCTLM_DRAIN_TIMEOUT_S"])
+    if "INSTRUCTLM_API_KEYS" in env:
+        assert settings.api_keys == ["sk-from-a-secret-0123456789"]

@@ -66,5 +66,4 @@ app.kubernetes.io/component: server
 {{- end }}
 
 {{/* Directories under the read-only root filesystem that the server writes. */}}
-{{- define "instructlm.prometheusDir" -}}/var/run/instructlm/prometheus{{- end }}
 {{- define "instructlm.cacheDir" -}}/var/cache/instructlm{{- end }}
