@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "instructlm.commands.viz",
     "instructlm.commands.tokenizer",
     "instructlm.commands.train",
+    "instructlm.commands.export",
+    "instructlm.commands.serve",
 ]
 
 
