@@ -22,7 +22,6 @@ COMMAND_MODULES = [
     "instructlm.commands.tokenizer",
     "instructlm.commands.train",
     "instructlm.commands.export",
-    "instructlm.commands.serve",
 ]
 
 
