@@ -243,6 +243,7 @@ class StepResult:
     label_tokens: int  # global
     grad_norm: float
     applied: bool
+    local_label_tokens: int = 0  # this rank's share
 
 
 def accumulate(
@@ -294,7 +295,8 @@ def train_step(
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, count, norm, applied)
+    local = sum(int((b[2] != T.IGNORE).sum()) for b in micro_batches)
+    return StepResult(loss, count, norm, applied, local)
 
 
 @torch.no_grad()
@@ -610,6 +612,7 @@ def run_stage(
                 "lr": lr,
                 "grad_norm": result.grad_norm,
                 "label_tokens": result.label_tokens,
+                "rank_label_tokens": info.all_gather_int(result.local_label_tokens),
                 "tokens_per_s": step_tokens / dt,
                 "tokens_seen": tokens_seen,
             }
