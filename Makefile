@@ -40,8 +40,9 @@ format: install ## apply ruff format and the safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-serve: install ## build the demo model if needed, then serve it on 127.0.0.1:8000
-	@echo "make serve: the serving step is not built yet (see the open serving issue)."; exit 1
+serve: install ## build the demo model if needed (make demo), then serve it on 127.0.0.1:8000
+	@if [ ! -f $(RUN)/bundle/model.onnx ]; then echo "make serve: $(RUN)/bundle is missing; building it with make demo"; $(MAKE) demo; fi
+	$(BIN)/instructlm serve --config configs/serve/default.toml --model $(RUN)/bundle
 
 clean: ## remove runs/ outputs (keeps .venv)
 	rm -rf runs

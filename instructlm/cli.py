@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "instructlm.commands.tokenizer",
     "instructlm.commands.train",
     "instructlm.commands.export",
+    "instructlm.commands.serve",
 ]
 
 
