@@ -553,6 +553,10 @@ def export_bundle(
                 "optimum": op_counts(tmp / OPTIMUM),
             },
             "tolerance": {"fp32_max_abs": FP32_TOL},
+            # Both traced graphs pass onnx.checker (full_check) at export. The optimized model.onnx holds
+            # onnxruntime's own fused ops (SimplifiedLayerNormalization is not an opset-17 op), which the
+            # checker rejects by design: onnxruntime loading it (and the parity below) is its check.
+            "onnx_checker": {"served (as exported)": "passed", OPTIMUM: "passed"},
         }
         if quantize == "int8":
             report["ops"]["served_int8"] = op_counts(tmp / SERVED_INT8)
