@@ -73,8 +73,10 @@ def save_training_checkpoint(
     optim_state: dict[str, Any],
     meta: dict[str, Any],
     tokenizer_dir: str | Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write weights + training state as one directory, atomically (rank 0 only)."""
+    """Write weights + training state (+ `extra_files`, e.g. LoRA adapters) as one directory, atomically (rank 0
+    only)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, per_param in optim_state["state"].items():
         for key, value in per_param.items():
@@ -92,6 +94,7 @@ def save_training_checkpoint(
         path,
         tokenizer_dir=tokenizer_dir,
         extra_files={
+            **(extra_files or {}),
             STATE_TENSORS: save_tensors(tensors, metadata={"format": "pt"}),
             STATE_JSON: (json.dumps(state_json, indent=1, sort_keys=True) + "\n").encode(),
         },

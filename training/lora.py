@@ -155,3 +155,70 @@ def save_adapter(model: Any, out_dir: str | Path, settings: LoraSettings) -> Pat
     save_file(lora_state_dict(model), str(out / ADAPTER_WEIGHTS))
     (out / ADAPTER_CONFIG).write_text(json.dumps(msgspec.to_builtins(settings), indent=2) + "\n")
     return out
+
+
+# --- state dicts: what the train loop saves, resumes and finally merges ----------------------------------------
+# peft renames an adapted layer's weight `X.weight` to `X.base_layer.weight` and adds `X.lora_A.<adapter>.weight`
+# [r, in] and `X.lora_B.<adapter>.weight` [out, r]. Training checkpoints keep the base weights under our plain
+# names (so they stay ordinary HF checkpoints) and the adapters in a file beside them.
+_BASE = ".base_layer."
+
+
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A LoRA model's state dict -> (base weights under our plain names, adapter tensors under peft's names)."""
+    base, adapters = {}, {}
+    for name, tensor in state.items():
+        if ".lora_" in name:
+            adapters[name] = tensor
+        else:
+            base[name.replace(_BASE, ".")] = tensor
+    return base, adapters
+
+
+def join_state(base: dict[str, Any], adapters: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `split_state`: plain base weights + adapters -> the LoRA model's state-dict names."""
+    adapted = {name.split(".lora_")[0] for name in adapters}
+    out = dict(adapters)
+    for name, tensor in base.items():
+        module, _, leaf = name.rpartition(".")
+        out[f"{module}{_BASE}{leaf}" if module in adapted else name] = tensor
+    return out
+
+
+def merged_state(state: dict[str, Any], settings: LoraSettings) -> dict[str, Any]:
+    """A LoRA model's state dict -> plain weights with W + (alpha / r) B A folded in (no model needed: the train
+    loop has only the gathered state at the end of a stage)."""
+    base, adapters = split_state(state)
+    scale = settings.alpha / settings.r
+    for name, a in adapters.items():
+        if ".lora_A." not in name:
+            continue
+        module = name.split(".lora_A.")[0]
+        b = adapters[name.replace(".lora_A.", ".lora_B.")]
+        w = base[f"{module}.weight"]
+        base[f"{module}.weight"] = (w.double() + scale * (b.double() @ a.double())).to(w.dtype)
+    return base
+
+
+def adapter_bytes(adapters: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, metadata={"format": "pt"})
+
+
+def load_adapter_tensors(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The adapters a LoRA training checkpoint holds beside its base weights (safetensors: nothing unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from model.errors import CheckpointError
+
+    path = Path(checkpoint_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing; this training checkpoint was not written by a LoRA run (remove [lora] or pass --fresh)"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None

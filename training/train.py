@@ -36,6 +36,7 @@ from model.tokenizer import Tokenizer
 from training import checkpointing as ckpt
 from training import distributed as D
 from training import tokens as T
+from training.lora import LoraSettings
 
 log = logging.getLogger("instructlm.train")
 
@@ -97,6 +98,7 @@ class RunSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_every: int = 10
     keep_last: int = 2
     tensorboard: bool = True  # when the tensorboard package is installed
+    plots: bool = True  # curves.png per stage (matplotlib's import costs about 2 s)
     samples_per_task: int = 1
     sample_tokens: int = 48
 
@@ -110,10 +112,12 @@ class TrainConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sft: StageSection = msgspec.field(default_factory=StageSection)
     optim: OptimSection = msgspec.field(default_factory=OptimSection)
     run: RunSection = msgspec.field(default_factory=RunSection)
+    # LoRA (training/lora.py): each stage trains adapters only and merges them into its final checkpoint.
+    lora: LoraSettings | None = None
 
 
 # Keys that may change between a run and its resume (they do not change the numbers).
-RESUME_FREE = {"run.log_every", "run.tensorboard", "run.samples_per_task", "run.sample_tokens", "run.threads"}
+RESUME_FREE = {"run.log_every", "run.tensorboard", "run.plots", "run.samples_per_task", "run.sample_tokens", "run.threads"}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -142,6 +146,8 @@ def check_config(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: {name}.checkpoint_every must be >= 1, got {s.checkpoint_every}")
     if cfg.data.seq_len < 2:
         raise ConfigError(f"{source}: data.seq_len must be >= 2, got {cfg.data.seq_len}")
+    if cfg.lora is not None:
+        cfg.lora.validate(f"{source}: lora")
     if cfg.run.max_nonfinite < 1:
         raise ConfigError(f"{source}: run.max_nonfinite must be >= 1, got {cfg.run.max_nonfinite}")
 
@@ -519,6 +525,11 @@ def run_stage(
     model.init_weights(seed)
     if init_state is not None:
         model.load_state_dict(init_state, strict=False)
+    lora = cfg.lora if cfg.lora is not None and cfg.lora.enabled else None
+    if lora is not None:
+        from training import lora as L
+
+        L.add_lora(model, lora)
     model.to(device).train()
     wrapped = D.wrap(model, info, cfg.run.distributed)
     optimizer = build_optimizer(wrapped, cfg.optim, s.lr)
@@ -541,7 +552,10 @@ def run_stage(
                 f"resume: {loaded.path} was written by {meta['world_size']} process(es), this run has "
                 f"{info.world_size}; the global batch would change. Resume with the same world size or --fresh"
             )
-        D.load_full_state(wrapped, optimizer, loaded.model_state, loaded.optim_state)
+        model_state = loaded.model_state
+        if lora is not None:
+            model_state = L.join_state(model_state, L.load_adapter_tensors(loaded.path))
+        D.load_full_state(wrapped, optimizer, model_state, loaded.optim_state)
         loaded.restore_rng()
         data.stream.load_state_dict(meta["data"])
         start_step = int(meta["step"])
@@ -570,8 +584,13 @@ def run_stage(
                 "data": data.stream.state_dict(),
                 "train_config": _comparable_config(cfg),
             }
+            extra = None
+            if lora is not None:
+                model_sd, adapters = L.split_state(model_sd)
+                extra = {L.ADAPTER_WEIGHTS: L.adapter_bytes(adapters)}
             ckpt.save_training_checkpoint(
-                where or ckpt.step_path(ckpt_dir, step), config, model_sd, optim_sd, meta, cfg.data.tokenizer
+                where or ckpt.step_path(ckpt_dir, step), config, model_sd, optim_sd, meta, cfg.data.tokenizer,
+                extra_files=extra,
             )
             if where is None:
                 ckpt.prune(ckpt_dir, cfg.run.keep_last)
@@ -674,6 +693,8 @@ def run_stage(
 
     # The stage's result: an HF checkpoint with the tokenizer, which the next stage (or export) starts from.
     model_sd, _ = D.full_state(wrapped, optimizer)
+    if lora is not None:
+        model_sd = L.merged_state(model_sd, lora)
     summary = {
         "stage": stage,
         "steps": s.steps,
@@ -698,12 +719,13 @@ def run_stage(
             tokenizer_dir=cfg.data.tokenizer,
             extra_files={"stage_summary.json": (json.dumps(summary, indent=1) + "\n").encode()},
         )
-        try:
-            from training.viz import plot_metrics
+        if cfg.run.plots:
+            try:
+                from training.viz import plot_metrics
 
-            plot_metrics(stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{stage}")
-        except ImportError as exc:
-            log.info("no curves.png (%s)", exc)
+                plot_metrics(stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{stage}")
+            except ImportError as exc:
+                log.info("no curves.png (%s)", exc)
     info.barrier()
     return summary
 
