@@ -216,6 +216,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             HealthController,
             MetricsController,
         ],
+        lifespan=[make_lifespan(srv)],
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=cors,
         request_max_body_size=settings.max_body_bytes,
