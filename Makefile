@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo serve clean
+.PHONY: help install test test-all lint format demo serve clean ablation
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ format: install ## apply ruff format and the safe fixes
 serve: install ## build the demo model if needed (make demo), then serve it on 127.0.0.1:8000
 	@if [ ! -f $(RUN)/bundle/model.onnx ]; then echo "make serve: $(RUN)/bundle is missing; building it with make demo"; $(MAKE) demo; fi
 	$(BIN)/instructlm serve --config configs/serve/default.toml --model $(RUN)/bundle
+
+ablation: install ## train the demo recipe on raw sources vs the built dataset (same budget), evaluate both -> docs/EVALUATION.md
+	$(BIN)/python -m training.ablation --config configs/train/ablation.toml
 
 clean: ## remove runs/ outputs (keeps .venv)
 	rm -rf runs
