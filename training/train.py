@@ -117,7 +117,14 @@ class TrainConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 # Keys that may change between a run and its resume (they do not change the numbers).
-RESUME_FREE = {"run.log_every", "run.tensorboard", "run.plots", "run.samples_per_task", "run.sample_tokens", "run.threads"}
+RESUME_FREE = {
+    "run.log_every",
+    "run.tensorboard",
+    "run.plots",
+    "run.samples_per_task",
+    "run.sample_tokens",
+    "run.threads",
+}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -589,7 +596,12 @@ def run_stage(
                 model_sd, adapters = L.split_state(model_sd)
                 extra = {L.ADAPTER_WEIGHTS: L.adapter_bytes(adapters)}
             ckpt.save_training_checkpoint(
-                where or ckpt.step_path(ckpt_dir, step), config, model_sd, optim_sd, meta, cfg.data.tokenizer,
+                where or ckpt.step_path(ckpt_dir, step),
+                config,
+                model_sd,
+                optim_sd,
+                meta,
+                cfg.data.tokenizer,
                 extra_files=extra,
             )
             if where is None:

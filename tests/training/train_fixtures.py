@@ -127,6 +127,7 @@ device = "cpu"
 threads = 1
 log_every = 1000
 tensorboard = false
+plots = false
 samples_per_task = 1
 sample_tokens = 4
 {extra}
