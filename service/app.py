@@ -31,6 +31,7 @@ from service.api.health import HealthController, MetricsController
 from service.api.openai import ChatController, CompletionsController, ModelsController, TokenizeController
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
+from service.tasks.api import TASK_HANDLERS, task_lifespan
 
 log = logging.getLogger("instructlm.service")
 
@@ -215,8 +216,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             TokenizeController,
             HealthController,
             MetricsController,
+            *TASK_HANDLERS,
         ],
-        lifespan=[make_lifespan(srv)],
+        lifespan=[make_lifespan(srv), task_lifespan(srv)],
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=cors,
         request_max_body_size=settings.max_body_bytes,

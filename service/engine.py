@@ -73,6 +73,7 @@ class Sequence:
     loop: object | None = None  # an asyncio loop: deliver runs there via call_soon_threadsafe
     request_id: str = ""
     timeout_s: float = 0.0
+    ignore_eos: bool = False
     # --- engine state -------------------------------------------------------------------------------------
     id: int = field(default_factory=itertools.count().__next__)
     arrival: float = field(default_factory=time.perf_counter)
@@ -398,7 +399,7 @@ class Engine:
                 k = s.logprobs or 0
                 out.top = [(int(a), float(b)) for a, b in zip(lp_ids[j, :k], lp_vals[j, :k], strict=True)]
             reason = None
-            if tok in self.stop_ids:
+            if tok in self.stop_ids and not s.ignore_eos:
                 reason = "stop"
             else:
                 text, hit = st.stopper.push(st.detok.push(tok))
@@ -410,7 +411,7 @@ class Engine:
             ):
                 reason = "length"
             if reason is not None:
-                if reason == "length" or tok in self.stop_ids:
+                if reason == "length" or (tok in self.stop_ids and not s.ignore_eos):
                     out.text += st.stopper.push(st.detok.flush())[0] + st.stopper.flush()
                 self._finish(s, reason, outputs, now, emit_token=out)
             else:

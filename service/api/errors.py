@@ -91,7 +91,7 @@ def handle_validation(_: Request, exc: ValidationException) -> Response:
 
 def _code_for(message: str) -> str:
     lowered = message.lower()
-    if "json" in lowered or "utf-8" in lowered:
+    if any(w in lowered for w in ("json", "utf-8", "truncated", "malformed", "trailing characters")):
         return "invalid_json"
     if "unknown field" in lowered:
         return "unknown_field"
@@ -104,6 +104,8 @@ def handle_http(_: Request, exc: HTTPException) -> Response:
     code = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(status)
     if status == 400:
         code = _code_for(message)
+        if code == "invalid_json" and "json" not in message.lower():
+            message = f"the request body is not valid JSON: {message}"
     err = APIError(status, clip(message, 200), code=code, headers=dict(exc.headers or {}))
     return error_response(err)
 

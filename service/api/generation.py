@@ -7,6 +7,7 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -24,6 +25,8 @@ from service.api.errors import APIError, clip
 from service.engine import DrainingError, Engine, Output, QueueFullError, Sequence
 from service.metrics import Metrics
 from service.settings import Settings
+
+log = logging.getLogger("instructlm.api")
 
 
 @dataclass
@@ -166,10 +169,16 @@ class Submission:
                 loop=loop,
                 request_id=request_id,
                 timeout_s=timeout,
+                ignore_eos=req.ignore_eos,
             )
             for i in range(req.n)
         ]
         self.prompt_tokens = len(prompt)
+        if state.settings.log_prompts:
+            log.info(
+                "prompt",
+                extra={"fields": {"request_id": request_id, "prompt": state.tokenizer.decode(prompt, False)}},
+            )
         try:
             engine.submit(self.seqs)
         except QueueFullError as exc:

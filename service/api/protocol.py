@@ -49,6 +49,8 @@ class _Sampling(Struct, forbid_unknown_fields=True, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
+    # vLLM's extension: keep generating past the end-of-turn token (benchmarks want fixed lengths).
+    ignore_eos: bool = False
     user: Annotated[str, Meta(max_length=256)] | None = None
 
 

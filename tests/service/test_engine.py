@@ -126,3 +126,19 @@ def test_cancel_frees_the_slot_at_the_next_step(tiny_checkpoint, tiny_tokenizer)
     assert s.finish_reason == "abort" and not engine.running and len(engine.free_slots) == 2
     assert got[0][-1].finish_reason == "abort"
     assert engine.metrics.disconnects._value.get() == 1
+
+
+def test_request_past_its_timeout_is_cut_and_counted(tiny_checkpoint, tiny_tokenizer):
+    engine = make_engine(tiny_checkpoint, tiny_tokenizer, "torch", slots=2)
+    got: dict = {}
+    s = Sequence(
+        chat_ids(tiny_tokenizer, PROMPTS[3]), GREEDY, max_tokens=100, timeout_s=5.0, deliver=collect(got, 0)
+    )
+    engine.submit([s])
+    for _ in range(3):
+        engine.step()
+    s.arrival -= 10.0  # its 5 s have passed (the clock is the engine's; no sleeping in tests)
+    engine.step()
+    assert s.finish_reason == "length" and len(s.output) == 3 and not engine.running
+    assert got[0][-1].finish_reason == "length" and got[0][-1].completion_tokens == 3
+    assert engine.metrics.failure.labels(reason="timeout")._value.get() == 1
