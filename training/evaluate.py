@@ -300,10 +300,20 @@ class Sample:
     finish_reason: str = ""
 
 
+@dataclass
+class EvalContext:
+    """What an evaluator may use beyond the samples: the model (e.g. to score intent labels by likelihood), its
+    tokenizer and the run's options."""
+
+    model: Any
+    tokenizer: Any
+    options: EvalOptions
+
+
 @dataclass(frozen=True)
 class Evaluator:
     name: str
-    fn: Callable[[list[Sample]], dict[str, Any]]
+    fn: Callable[[list[Sample], EvalContext], dict[str, Any]]
     tasks: tuple[str, ...] | None  # None: every task that generates
 
 
@@ -311,11 +321,12 @@ EVALUATORS: dict[str, Evaluator] = {}
 
 
 def register_evaluator(name: str, tasks: Sequence[str] | None = None):
-    """Decorator: `fn(samples of one task) -> {metric: value}` runs on the generations of `tasks` (all when
-    None). The task endpoints register their intent / retrieval metrics here, so `instructlm eval` reports them
-    in the same table."""
+    """Decorator: `fn(samples of one task, context) -> {metric: value}` runs on the generations of `tasks` (all
+    when None); a "signatures" entry in the result goes to the report's signature list. The task endpoints
+    register their intent / retrieval metrics here (the CLI imports their module, e.g. for a `--tasks` flag), so
+    `instructlm eval` reports them in the same table."""
 
-    def wrap(fn: Callable[[list[Sample]], dict[str, Any]]):
+    def wrap(fn: Callable[[list[Sample], EvalContext], dict[str, Any]]):
         EVALUATORS[name] = Evaluator(name, fn, tuple(tasks) if tasks is not None else None)
         return fn
 
@@ -323,7 +334,7 @@ def register_evaluator(name: str, tasks: Sequence[str] | None = None):
 
 
 @register_evaluator("translation", tasks=("translation",))
-def _translation(samples: list[Sample]) -> dict[str, Any]:
+def _translation(samples: list[Sample], ctx: EvalContext) -> dict[str, Any]:
     """BLEU/chrF per target language (each with its own tokenizer), plus their means over languages."""
     by_lang: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
@@ -341,12 +352,12 @@ def _translation(samples: list[Sample]) -> dict[str, Any]:
 
 
 @register_evaluator("rouge", tasks=("content", "customer_service", "qa"))
-def _rouge(samples: list[Sample]) -> dict[str, Any]:
+def _rouge(samples: list[Sample], ctx: EvalContext) -> dict[str, Any]:
     return rouge([s.hypothesis for s in samples], [s.reference for s in samples])
 
 
 @register_evaluator("diversity")
-def _diversity(samples: list[Sample]) -> dict[str, Any]:
+def _diversity(samples: list[Sample], ctx: EvalContext) -> dict[str, Any]:
     texts = [s.hypothesis for s in samples]
     return {
         "distinct_1": distinct_n(texts, 1),
@@ -483,7 +494,7 @@ def evaluate(
                 for name in names:
                     ev = EVALUATORS[name]
                     if done and (ev.tasks is None or task in ev.tasks):
-                        metrics = ev.fn(done)
+                        metrics = ev.fn(done, EvalContext(model, tokenizer, options))
                         for key, value in metrics.pop("signatures", {}).items():
                             signatures[key] = value
                         row.update(metrics)

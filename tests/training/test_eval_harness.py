@@ -246,3 +246,34 @@ def test_record_decoding_matches_the_dataset_schema():
     # The fixture's lines round-trip through the record Struct the data pipeline writes.
     line = ENCODER.encode(_records()[0])
     assert msgspec.json.decode(line, type=Record).meta == {"tgt_lang": "zh"}
+
+
+def test_a_registered_evaluator_reports_into_the_same_table(tiny_model, tiny_tokenizer):
+    """How the task endpoints add their metrics: register an evaluator for some tasks; it gets the task's
+    generated samples and the model/tokenizer, and its numbers land in that task's row."""
+    from training.evaluate import EVALUATORS, register_evaluator
+
+    seen = {}
+
+    @register_evaluator("exact_match_test", tasks=("customer_service",))
+    def exact(samples, ctx):
+        seen["ctx"] = ctx
+        return {
+            "exact_match": sum(s.hypothesis == s.reference for s in samples) / len(samples),
+            "n_scored": len(samples),
+        }
+
+    try:
+        result = evaluate(
+            tiny_model,
+            tiny_tokenizer,
+            _records(),
+            EvalOptions(max_new_tokens=3, progress=False, metrics=["exact_match_test"]),
+        )
+    finally:
+        EVALUATORS.pop("exact_match_test")
+    assert result.per_task["customer_service"]["exact_match"] == 0.0  # a random model never says it
+    assert result.per_task["customer_service"]["n_scored"] == 1
+    assert "exact_match" not in result.per_task["content"]
+    assert "bleu" not in result.per_task["translation"]  # only the evaluators asked for ran
+    assert seen["ctx"].model is tiny_model and seen["ctx"].tokenizer is tiny_tokenizer
