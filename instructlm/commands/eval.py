@@ -33,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
     p.add_argument("--no-generate", action="store_true", help="perplexity only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
+    p.add_argument(
+        "--tasks",
+        action="store_true",
+        help="also evaluate the task endpoints (intent, retrieval, translation, content) against their "
+        "baselines on the seed data, into the same report (service/tasks/evaluate.py)",
+    )
+    p.add_argument("--seed-dir", default="data/seed", help="seed data for --tasks (default data/seed)")
     p.set_defaults(func=run)
 
 
@@ -62,5 +69,34 @@ def run(args: argparse.Namespace) -> int:
     print(f"overall perplexity {result.overall['ppl']:.3f} over {result.overall['tokens']} tokens")
     for key, sig in sorted(result.info.get("signatures", {}).items()):
         print(f"{key}: {sig}")
+    if args.tasks:
+        _task_eval(args, out)
     print(f"wrote {out / 'eval.md'}, {out / 'eval.json'} and plots")
     return 0
+
+
+def _task_eval(args: argparse.Namespace, out) -> None:
+    """The task endpoints' evaluation (service code, reached only through the CLI), appended to the report."""
+    import json
+
+    from service.tasks.evaluate import run_task_eval
+    from training.evaluate import bleu_chrf, rouge
+
+    res = run_task_eval(
+        args.checkpoint,
+        args.seed_dir,
+        out,
+        bleu_chrf=bleu_chrf,
+        rouge=rouge,
+        limit=args.limit,
+        threads=args.threads or 1,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    md = (out / "tasks.md").read_text(encoding="utf-8")
+    with open(out / "eval.md", "a", encoding="utf-8") as f:
+        f.write("\n" + md)
+    report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    report["tasks"] = res
+    (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(md)

@@ -17,8 +17,14 @@ from service.settings import Settings
 from service.tasks.guard import Guard, GuardConfig
 from service.tasks.settings import TaskSettings
 from tests.service.server import LiveServer
+from tests.service.tasks_fixtures import build_long_checkpoint
 
 SEED = Path(__file__).resolve().parents[2] / "data" / "seed"
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory, tiny_tokenizer, torch_threads):
+    return build_long_checkpoint(tmp_path_factory, tiny_tokenizer)
 
 
 def _settings(model, kb: Path, **cs) -> Settings:
@@ -51,29 +57,8 @@ def kb_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cs_checkpoint(tmp_path_factory, tiny_tokenizer, torch_threads):
-    """The tiny model with a 1024-position window: three FAQ entries take ~600 tiny-BPE tokens."""
-    from model.checkpoint import save_checkpoint
-    from model.config import preset
-    from model.transformer import Transformer
-
-    config = preset(
-        "tiny",
-        vocab_size=tiny_tokenizer.vocab_size,
-        eos_token_id=[tiny_tokenizer.eos_id, tiny_tokenizer.endoftext_id],
-        pad_token_id=tiny_tokenizer.pad_id,
-        max_position_embeddings=1024,
-    )
-    model = Transformer(config)
-    model.init_weights(seed=1)
-    root = tmp_path_factory.mktemp("cs")
-    tiny_tokenizer.save(root / "tokenizer", model_max_length=1024)
-    return save_checkpoint(model.eval(), root / "checkpoint", tokenizer_dir=root / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def live(cs_checkpoint, kb_file):
-    with LiveServer(_settings(cs_checkpoint, kb_file)) as srv:
+def live(long_checkpoint, kb_file):
+    with LiveServer(_settings(long_checkpoint, kb_file)) as srv:
         tasks = srv.app.state.tasks
         for _ in range(600):  # the intent scorer loads after the engine
             if tasks.scorer is not None or tasks.scorer_error:
@@ -105,7 +90,7 @@ CONVERSATION = [
 ]
 
 
-def test_customer_service_reply_intent_knowledge(live, cs_checkpoint):
+def test_customer_service_reply_intent_knowledge(live, long_checkpoint):
     r = post(live, "/v1/customer-service/chat", {"messages": CONVERSATION})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -120,7 +105,7 @@ def test_customer_service_reply_intent_knowledge(live, cs_checkpoint):
 
     clf = IntentClassifier(live.state.tokenizer, load_intent_labels(SEED / "intent_labels.jsonl"))
     ref = clf.classify(
-        CONVERSATION[-1]["content"], runner_scorer(TorchRunner(cs_checkpoint, num_slots=14), range(14))
+        CONVERSATION[-1]["content"], runner_scorer(TorchRunner(long_checkpoint, num_slots=14), range(14))
     )
     assert intent["label"] == ref.intent and intent["confidence"] == pytest.approx(ref.confidence, abs=1e-5)
     # Retrieval: BM25 over the knowledge base file, top 3.
