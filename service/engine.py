@@ -276,14 +276,18 @@ class Engine:
 
         if sample_rows:
             self._update(sample_rows, np.concatenate(logits_parts, axis=0), outputs)
-        t4 = time.perf_counter()
         self._dispatch(outputs)
         self._set_gauges()
-        tm = self.timings
-        tm["schedule"] += t1 - t0
-        tm["prefill"] += t2 - t1
-        tm["decode"] += t3 - t2
-        tm["update"] += t4 - t3
+        t4 = time.perf_counter()  # update = sample + detokenize + stop checks + emit + gauges
+        tm, ph = self.timings, self.metrics.phase
+        for name, dt in (
+            ("schedule", t1 - t0),
+            ("prefill", t2 - t1),
+            ("decode", t3 - t2),
+            ("update", t4 - t3),
+        ):
+            tm[name] += dt
+            ph[name].inc(dt)
         return sum(n for _, n in chunks) + len(decoding)
 
     # --- schedule helpers -----------------------------------------------------------------------------------

@@ -34,7 +34,13 @@ class ServeApplication(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
+        import sys
+
         from service.app import create_app
+
+        # The engine thread needs the GIL back the moment onnxruntime returns; with the default 5 ms switch
+        # interval a busy event loop (SSE writes) could hold it for a whole demo decode step (2-3 ms).
+        sys.setswitchinterval(0.0005)
 
         return create_app(self.settings)
 

@@ -76,6 +76,13 @@ class Metrics:
             f"{p}request_generation_tokens", "Generated length per sequence.", buckets=_TOKENS, registry=r
         )
         self.steps = Counter(f"{p}engine_steps", "Engine steps run.", registry=r)
+        # Where a step's time goes (bench/serve.py prints the per-step profile from these).
+        self.step_seconds = Counter(
+            f"{p}engine_step_seconds", "Engine step time by phase.", ["phase"], registry=r
+        )
+        self.phase = {
+            ph: self.step_seconds.labels(phase=ph) for ph in ("schedule", "prefill", "decode", "update")
+        }
         for reason in ("stop", "length"):
             self.success.labels(finished_reason=reason)
         for reason in ("queue_full", "timeout", "error", "client_disconnect", "draining"):

@@ -1,0 +1,449 @@
+"""Serving benchmark (in the manner of vLLM's `bench serve`): a live `instructlm serve` over the demo-shape bundle,
+a fixed prompt set at concurrency 1, 4, 16, 64, and in the same run the baselines on the same weights.
+
+    PYTHONPATH=. .venv/bin/python bench/serve.py [--model runs/demo/bundle] [--threads 1] [--write]
+
+Without --model (or when runs/demo/bundle is missing) it builds a random-weight model of the demo shape (6.5M
+parameters; speed does not depend on the weights) with a tokenizer trained on data/seed, exports it, and uses
+that. Requests are greedy with `ignore_eos` so every one generates exactly --max-tokens tokens.
+
+Reported: TTFT, TPOT and ITL p50/p99 (client side, SSE), output tokens/s and requests/s per concurrency; the
+bare ONNX runner's decode step at batch 1 and 16; transformers `generate`; llama.cpp via llama-cpp-python on the
+GGUF export when it is installed (the optional `bench` extra); the engine's per-step profile from /metrics.
+--write replaces the serving section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/ holds export.py: with this script's folder first on sys.path, `import export` would find it.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+PROMPTS = [
+    "How do I reset my voicemail PIN?",
+    "What plans does Kestrel Mobile offer?",
+    "My bill is higher than usual this month. Why?",
+    "Can I keep my number if I switch to Kestrel?",
+    "Write a short note announcing longer store hours.",
+    "Translate to German: Where is the nearest store?",
+    "How do I turn on Wi-Fi calling?",
+    "Is roaming included in the Flex plan?",
+    "Summarize the benefits of eSIM in two sentences.",
+    "My phone shows no service after the update.",
+    "Translate to Chinese: Thank you for waiting.",
+    "How do I pay my bill with a card?",
+    "Write a friendly reply to a customer who lost their phone.",
+    "What is the Travel Pass and how much does it cost?",
+    "How can I check my data usage?",
+    "Explain what a SIM lock is.",
+]
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"onnxruntime {onnxruntime.__version__}, {platform.system()} {platform.release()}"
+    )
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+def build_demo_model(root: Path) -> tuple[Path, Path]:
+    """A random demo-shape checkpoint (tokenizer trained on the seed data) and its bundle."""
+    import torch
+
+    from export.onnx_export import export_bundle
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.tokenizer import train_tokenizer
+    from model.transformer import Transformer
+
+    texts = []
+    for f in sorted((ROOT / "data" / "seed").glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            texts.extend(v for v in rec.values() if isinstance(v, str))
+    tok = train_tokenizer(texts, vocab_size=8192, min_frequency=2, model_max_length=1024)
+    tok.save(root / "tokenizer", model_max_length=1024)
+    cfg = preset(
+        "demo", eos_token_id=[tok.eos_id, tok.endoftext_id], pad_token_id=tok.pad_id
+    )  # vocab 8192 whatever the tokenizer learnt: the cost is the model's
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    ckpt = save_checkpoint(model, root / "checkpoint", tokenizer_dir=root / "tokenizer")
+    export_bundle(ckpt, root / "bundle", threads=1)
+    return ckpt, root / "bundle"
+
+
+# --- baselines ----------------------------------------------------------------------------------------------
+def bare_runner_steps(bundle: Path, threads: int, prompt_ids: list[list[int]], steps: int = 64) -> dict:
+    """The ONNX runner alone: median decode-step time at batch 1 and 16, after a real prefill."""
+    from export.runtime import OnnxRunner
+
+    out = {}
+    for batch in (1, 16):
+        r = OnnxRunner(bundle, num_slots=16, max_len=1024, threads=threads)
+        rows = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
+        logits = r.prefill(rows, list(range(batch)), [0] * batch)
+        tokens = np.asarray(logits).argmax(-1)
+        pos = np.array([len(x) for x in rows])
+        slots = np.arange(batch)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            logits = r.decode(tokens, slots, pos)
+            times.append(time.perf_counter() - t0)
+            tokens = logits.argmax(-1)
+            pos = pos + 1
+        out[batch] = statistics.median(times[4:])
+    return out
+
+
+def transformers_generate(ckpt: Path, threads: int, prompt_ids: list[int], new: int) -> float | None:
+    """Tokens/s of `transformers` greedy generate (batch 1, its own KV cache), same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = torch.tensor([prompt_ids])
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+    return new / (time.perf_counter() - t0)
+
+
+def llama_cpp(ckpt: Path, root: Path, threads: int, prompt_ids: list[int], new: int) -> dict | str:
+    try:
+        import llama_cpp  # noqa: F401
+        from llama_cpp import Llama
+    except ImportError:
+        return "llama-cpp-python is not installed (`pip install -e '.[bench]'`, about 12 minutes to compile)"
+    from export.gguf_export import export_gguf
+
+    gguf = root / "model.f32.gguf"
+    if not gguf.exists():
+        export_gguf(ckpt, gguf, weight_type="f32")
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=1024,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+    )
+    llm.eval(prompt_ids)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    single = (time.perf_counter() - t0) / new
+    return {"single_step_s": single}
+
+
+# --- the server ---------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, threads: int, max_seqs: int) -> tuple[subprocess.Popen, str, float]:
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "INSTRUCTLM_LOG_LEVEL": "warning"}
+    cmd = [
+        sys.executable, "-m", "instructlm", "serve", "--model", str(bundle), "--port", str(port),
+        "--threads", str(threads), "--max-num-seqs", str(max_seqs), "--served-model-name", "bench",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - t0 < 120:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("server not ready in 120 s")
+
+
+async def one_request(host: str, port: int, prompt: str, max_tokens: int) -> dict:
+    """One streamed chat request over a bare asyncio connection: the client shares the 2 cores with the
+    server, so it does as little as it can (no HTTP library, no JSON per token; only the usage chunk is parsed)."""
+    body = json.dumps(
+        {
+            "model": "bench",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"HTTP {status!r}: {(await reader.read())[:300]!r}")
+    times: list[float] = []
+    usage = None
+    # Chunked transfer encoding: each SSE event arrives in one chunk, so its `data:` line is a whole line.
+    async for line in reader:
+        if not line.startswith(b"data: {"):
+            if line.startswith(b"data: [DONE]"):
+                break
+            continue
+        if b'"usage":{' in line:
+            usage = json.loads(line[6:])["usage"]
+        elif b'"content":' in line and b'"role":"assistant"' not in line:
+            times.append(time.perf_counter())
+    end = time.perf_counter()
+    writer.close()
+    n = usage["completion_tokens"] if usage else len(times)
+    return {"start": t0, "times": times, "end": end, "tokens": n}
+
+
+async def load(url: str, concurrency: int, num_requests: int, max_tokens: int) -> tuple[list[dict], float]:
+    host, port = url.removeprefix("http://").split(":")
+    queue = list(range(num_requests))
+    results: list[dict] = []
+
+    async def worker():
+        while queue:
+            i = queue.pop()
+            results.append(await one_request(host, int(port), PROMPTS[i % len(PROMPTS)], max_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - t0
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+    tpot = [(r["end"] - r["times"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1 and r["times"]]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    tokens = sum(r["tokens"] for r in results)
+
+    def pct(xs, q):
+        return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
+
+    return {
+        "requests": len(results),
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "tpot_p50_ms": pct(tpot, 50),
+        "itl_p50_ms": pct(itl, 50),
+        "itl_p99_ms": pct(itl, 99),
+        "out_tok_s": tokens / wall,
+        "req_s": len(results) / wall,
+    }
+
+
+def scrape_profile(url: str) -> dict:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in fam.samples:
+            if s.name == "instructlm_engine_step_seconds_total":
+                out[s.labels["phase"]] = s.value
+            elif s.name == "instructlm_engine_steps_total":
+                out["steps"] = s.value
+            elif s.name == "instructlm_generation_tokens_total":
+                out["tokens"] = s.value
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model", help="bundle directory (default runs/demo/bundle, else a random demo-shape one)"
+    )
+    ap.add_argument("--checkpoint", help="the bundle's checkpoint (for the transformers/llama.cpp baselines)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests-per-level", type=int, default=0, help="0: max(8, 2 x concurrency)")
+    ap.add_argument("--write", action="store_true", help="replace the serving section of docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    command = "PYTHONPATH=. .venv/bin/python bench/serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"machine: {machine()}\ncommand: {command}\n", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    bundle = Path(args.model) if args.model else ROOT / "runs/demo/bundle"
+    ckpt = Path(args.checkpoint) if args.checkpoint else ROOT / "runs/demo/checkpoint"
+    if not (bundle / "model.onnx").exists() or not (ckpt / "model.safetensors").exists():
+        print("building a random demo-shape checkpoint and bundle ...", flush=True)
+        ckpt, bundle = build_demo_model(tmp)
+        source = "random-weight demo shape (6.5M parameters, vocab 8192), f32"
+    else:
+        source = f"{bundle} (f32)"
+    from model.chat import encode_chat
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(bundle)
+    prompt_ids = [encode_chat(tok, [{"role": "user", "content": p}], True).ids for p in PROMPTS]
+
+    print("baseline: bare ONNX runner ...", flush=True)
+    bare = bare_runner_steps(bundle, args.threads, prompt_ids)
+    print("baseline: transformers generate ...", flush=True)
+    hf_tok_s = transformers_generate(ckpt, args.threads, prompt_ids[0], args.max_tokens)
+    print("baseline: llama.cpp ...", flush=True)
+    llama = llama_cpp(ckpt, tmp, args.threads, prompt_ids[0], args.max_tokens)
+
+    proc, url, ready_s = start_server(bundle, args.threads, max(args.concurrency))
+    rows = []
+    try:
+        asyncio.run(load(url, 2, 4, 8))  # warm-up: sessions, allocator, connections
+        for c in args.concurrency:
+            n = args.requests_per_level or max(8, 2 * c)
+            before = scrape_profile(url)
+            results, wall = asyncio.run(load(url, c, n, args.max_tokens))
+            after = scrape_profile(url)
+            prof = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            rows.append((c, summarize(results, wall), prof))
+            s = rows[-1][1]
+            print(
+                f"c={c:<3} ttft p50 {s['ttft_p50_ms']:.1f} ms  itl p50 {s['itl_p50_ms']:.2f} ms  "
+                f"p99 {s['itl_p99_ms']:.2f} ms  {s['out_tok_s']:.0f} tok/s  {s['req_s']:.2f} req/s",
+                flush=True,
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+    report = render(args, command, source, bare, hf_tok_s, llama, rows, ready_s)
+    print("\n" + report)
+    if args.write:
+        write_section(ROOT / "docs" / "BENCHMARKS.md", report)
+        print("wrote docs/BENCHMARKS.md (serving section)")
+    return 0
+
+
+def render(args, command, source, bare, hf_tok_s, llama, rows, ready_s) -> str:
+    by_c = {c: s for c, s, _ in rows}
+    lines = [
+        "## Serving (HTTP + SSE, continuous batching)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Model: {source}; ONNX runner, {args.threads} intra-op thread(s); greedy, `ignore_eos`, "
+        f"{args.max_tokens} output tokens per request; server ready {ready_s:.1f} s after start (warm start).",
+        "",
+        "| concurrency | requests | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | ITL p99 ms | output tok/s | req/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, s, _ in rows:
+        lines.append(
+            f"| {c} | {s['requests']} | {s['ttft_p50_ms']:.1f} | {s['ttft_p99_ms']:.1f} | {s['tpot_p50_ms']:.2f} | "
+            f"{s['itl_p50_ms']:.2f} | {s['itl_p99_ms']:.2f} | {s['out_tok_s']:.0f} | {s['req_s']:.2f} |"
+        )
+    lines += ["", "Baselines, same weights, same run:", ""]
+    lines.append(
+        f"- bare ONNX runner decode step: batch 1 {bare[1] * 1000:.2f} ms ({1 / bare[1]:.0f} tok/s), "
+        f"batch 16 {bare[16] * 1000:.2f} ms ({16 / bare[16]:.0f} tok/s)"
+    )
+    lines.append(f"- transformers `generate` (torch eager, batch 1): {hf_tok_s:.0f} tok/s")
+    if isinstance(llama, dict):
+        lines.append(
+            f"- llama.cpp (llama-cpp-python, f32 GGUF) single stream: {llama['single_step_s'] * 1000:.2f} ms/step"
+        )
+    else:
+        lines.append(f"- llama.cpp: not measured: {llama}")
+    lines += ["", "Ratios:", ""]
+    if 1 in by_c:
+        r = by_c[1]["itl_p50_ms"] / (bare[1] * 1000)
+        lines.append(
+            f"- engine overhead, ITL p50 at concurrency 1 / bare step at batch 1: **{r:.2f}** (required <= 1.2)"
+        )
+    if 16 in by_c:
+        r = by_c[16]["out_tok_s"] / (16 / bare[16])
+        lines.append(
+            f"- served output tok/s at concurrency 16 / bare batch-16 rate: **{r:.2f}** (required >= 0.8)"
+        )
+    if 1 in by_c and hf_tok_s:
+        lines.append(
+            f"- served single stream vs transformers generate: {1000 / by_c[1]['itl_p50_ms'] / hf_tok_s:.1f}x"
+        )
+    if isinstance(llama, dict) and 1 in by_c:
+        lines.append(
+            f"- ITL p50 / llama.cpp step: {by_c[1]['itl_p50_ms'] / (llama['single_step_s'] * 1000):.2f} (goal <= 1.2)"
+        )
+    lines += [
+        "",
+        "Per-step profile from `/metrics` (`instructlm_engine_step_seconds_total{phase}`), ms per step:",
+        "",
+    ]
+    lines.append(
+        "| concurrency | steps | tokens/step | schedule | prefill | decode | update (sample, detok, emit) |"
+    )
+    lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+    for c, _, p in rows:
+        steps = max(p.get("steps", 0), 1)
+        lines.append(
+            f"| {c} | {steps:.0f} | {p.get('tokens', 0) / steps:.1f} | "
+            + " | ".join(
+                f"{p.get(ph, 0) / steps * 1000:.3f}" for ph in ("schedule", "prefill", "decode", "update")
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- bench/serve.py:begin -->", "<!-- bench/serve.py:end -->"
+
+
+def write_section(path: Path, report: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    block = f"{BEGIN}\n{report}{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
