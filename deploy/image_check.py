@@ -1,0 +1,139 @@
+"""Runs inside the built image (`buildah run`, as the image's user): starts the server the way the image's
+ENTRYPOINT does, waits for /health, exercises the API, checks the metrics the chart and dashboard read, runs
+the image's HEALTHCHECK command, then sends SIGTERM and expects a clean exit within the drain timeout.
+
+Standard library only (it runs with the image's Python). Prints one line per check; exit 0 when all pass.
+
+    python3 image_check.py --port 18080 --entrypoint instructlm serve \
+        --healthcheck-json '["python3", "-c", "..."]' --metrics-file /check/metrics.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--entrypoint", nargs="+", required=True, help="the image's ENTRYPOINT")
+    parser.add_argument("--healthcheck-json", required=True, help="the image's HEALTHCHECK test, JSON list")
+    parser.add_argument("--metrics-file", required=True, help="metric names that must be exposed, one a line")
+    parser.add_argument("--start-timeout", type=float, default=120.0)
+    parser.add_argument("--drain-timeout", type=float, default=10.0)
+    args = parser.parse_args()
+
+    failures: list[str] = []
+
+    def check(ok: bool, what: str) -> None:
+        print(f"image check: {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+        if not ok:
+            failures.append(what)
+
+    base = f"http://127.0.0.1:{args.port}"
+    env = {
+        **os.environ,
+        "INSTRUCTLM_PORT": str(args.port),
+        "INSTRUCTLM_DRAIN_TIMEOUT_S": str(args.drain_timeout),
+    }
+    check(os.getuid() != 0, f"runs as a non-root user (uid {os.getuid()})")
+    try:
+        import torch  # noqa: F401
+
+        check(False, "torch is absent from the CPU image")
+    except ImportError:
+        check(True, "torch is absent from the CPU image")
+
+    server = subprocess.Popen(args.entrypoint, env=env)
+    try:
+        t0 = time.monotonic()
+        status = 0
+        while time.monotonic() - t0 < args.start_timeout:
+            if server.poll() is not None:
+                break
+            try:
+                status, _ = get(f"{base}/health", timeout=2)
+            except OSError:
+                status = 0
+            if status == 200:
+                break
+            time.sleep(0.5)
+        check(status == 200, f"/health answers 200 after {time.monotonic() - t0:.1f} s (last status {status})")
+        if status != 200:
+            return 1
+        check(get(f"{base}/health/live")[0] == 200, "/health/live answers 200")
+        check(get(f"{base}/health/ready")[0] == 200, "/health/ready answers 200")
+
+        status, body = get(f"{base}/v1/models")
+        models = [m["id"] for m in json.loads(body).get("data", [])] if status == 200 else []
+        check(status == 200 and len(models) == 1, f"/v1/models lists one model: {models}")
+        status, body = post(
+            f"{base}/v1/chat/completions",
+            {"model": models[0] if models else "", "messages": [{"role": "user", "content": "Hello!"}],
+             "max_tokens": 8, "temperature": 0},
+        )
+        choice = (body.get("choices") or [{}])[0]
+        check(
+            status == 200 and choice.get("finish_reason") in ("stop", "length"),
+            f"POST /v1/chat/completions: {status}, finish_reason {choice.get('finish_reason')!r}, "
+            f"{body.get('usage', {}).get('completion_tokens')} tokens",
+        )
+
+        status, body = get(f"{base}/metrics")
+        exposed = {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines() if line[:1] not in ("#", "")}
+        wanted = [n.strip() for n in open(args.metrics_file, encoding="utf-8") if n.strip()]
+        missing = sorted(set(wanted) - exposed)
+        check(status == 200 and not missing, f"/metrics exposes the {len(wanted)} series the chart and dashboard "
+              f"read (missing: {missing})")
+
+        test = json.loads(args.healthcheck_json)
+        command = test[1:] if test and test[0] == "CMD" else ["/bin/sh", "-c", test[1]] if test[0] == "CMD-SHELL" else test
+        done = subprocess.run(command, env=env, timeout=30)
+        check(done.returncode == 0, f"the image's HEALTHCHECK exits 0 ({' '.join(command)[:60]}...)")
+
+        server.send_signal(signal.SIGTERM)
+        t1 = time.monotonic()
+        try:
+            code = server.wait(timeout=args.drain_timeout + 10)
+        except subprocess.TimeoutExpired:
+            code = None
+        check(code == 0, f"SIGTERM: exit status {code} after {time.monotonic() - t1:.1f} s")
+        done = subprocess.run(command, env=env, timeout=30, capture_output=True)
+        check(done.returncode != 0, "the HEALTHCHECK fails once the server is gone")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    print(f"image check: {'all passed' if not failures else f'{len(failures)} failed'}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
