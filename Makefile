@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo serve clean ablation
+.PHONY: help install test test-all lint format demo serve clean ablation gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ serve: install ## build the demo model if needed (make demo), then serve it on 1
 
 ablation: install ## train the demo recipe on raw sources vs the built dataset (same budget), evaluate both -> docs/EVALUATION.md
 	$(BIN)/python -m training.ablation --config configs/train/ablation.toml
+
+gpu-check: ## on a CUDA machine: kernel tests on the GPU + benchmark vs SDPA (bench/gpu_check.sh)
+	bash bench/gpu_check.sh
 
 clean: ## remove runs/ outputs (keeps .venv)
 	rm -rf runs

@@ -47,3 +47,13 @@ def select_attn_backend(device) -> str:
         reason = f"device is {device.type}, the Triton kernels need CUDA"
     log.info("attention backend: sdpa (%s)", reason)
     return "sdpa"
+
+
+def check_runnable(name: str, tensor) -> None:
+    """Fail with a clear message when `tensor` is somewhere the kernels cannot run: on the CPU without
+    TRITON_INTERPRET=1 triton would otherwise die deep in its driver lookup."""
+    if tensor.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{name} is on {tensor.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "the kernel modules are imported (CPU interpreter); use attn_backend='sdpa' on the CPU"
+        )

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreting
+from kernels import check_runnable, interpreting
 from kernels.reference import segment_bounds
 
 LOG2E = 1.4426950408889634
@@ -402,6 +402,7 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_runnable("q", q)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"attention expects 4-d q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -457,7 +458,9 @@ def _launch_bwd(q, k, v, o, lse, do, seg_start, seg_end, sm_scale, block=None):
     kv = k.shape[1]
     group = h // kv
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)  # [B, H, S]
+    # fp64 row sums: dp - delta cancels to 0 where one key dominates, and an fp32 delta there left dK 1e-6 off
+    # at one token (seq 1, 4 query heads per KV head); this [B, H, S] pass is O(S·D), the kernels O(S²·D).
+    delta = (o.double() * do.double()).sum(-1).float()  # [B, H, S]
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

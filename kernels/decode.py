@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreting
+from kernels import check_runnable, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -185,6 +185,7 @@ def decode_attention(
         raise ValueError(
             f"decode expects q [B,H,D] and caches [slots,KV,L,D], got {tuple(q.shape)}, {tuple(k_cache.shape)}"
         )
+    check_runnable("q", q)
     b, h, d = q.shape
     kv = k_cache.shape[1]
     if h % kv or k_cache.shape[-1] != d or d not in (16, 32, 64, 128, 256):

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreting
+from kernels import check_runnable, interpreting
 
 
 @triton.jit
@@ -174,6 +174,7 @@ def add_rmsnorm(
 
     x/residual [..., N], weight [N]. Differentiable in x, residual and weight.
     """
+    check_runnable("x", x)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     if residual is not None and residual.shape != x.shape:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import check_runnable
+
 
 @triton.jit
 def _rotary_kernel(
@@ -89,6 +91,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
     Returns the rotated x (same dtype and layout), differentiable in x.
     """
+    check_runnable("x", x)
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"rotary expects x [B,H,S,D] with even D, got {tuple(x.shape)}")
     b, _, s, d = x.shape

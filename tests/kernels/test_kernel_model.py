@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import subprocess
 import sys
 
@@ -109,3 +110,16 @@ def test_model_import_does_not_load_the_kernels():
     code = "import sys, model.transformer; assert not [m for m in sys.modules if m.startswith('kernels')]"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    code = (
+        "import torch; from kernels.attention import attention_packed\n"
+        "q = torch.zeros(1, 2, 4, 32)\n"
+        "try:\n    attention_packed(q, q, q, torch.arange(4)[None])\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "q is on cpu: the Triton kernels need CUDA tensors" in out.stdout
