@@ -67,11 +67,12 @@ def _load(srv: ServerState) -> None:
     """Tokenizer, runner, engine, one warm-up forward, then ready. Runs on a thread; errors go to /health."""
     from model.tokenizer import Tokenizer
     from service.engine import Engine
-    from service.runners.base import open_runner
+    from service.runners.base import model_kind, open_runner
 
     s = srv.settings
     t0 = time.perf_counter()
     try:
+        model_kind(s.model)  # names what the directory lacks before the tokenizer complains about its part
         tokenizer = Tokenizer.load(Path(s.model))
         runner = open_runner(
             s.model,

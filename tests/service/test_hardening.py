@@ -486,3 +486,35 @@ def test_sigterm_drains_open_streams_then_exits_zero(tiny_checkpoint, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_health_is_503_and_requests_refused_when_the_model_fails_to_load(tmp_path, torch_threads):
+    """The port opens at once; the load error shows on /health (503) while /health/live stays 200."""
+    import threading
+
+    import uvicorn
+
+    from service.app import create_app
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    app = create_app(serve_settings(broken, "auto", log_level="critical"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(400):
+            if app.state.server.load_error:
+                break
+            time.sleep(0.01)
+        assert httpx.get(f"{url}/health/live").status_code == 200
+        r = httpx.get(f"{url}/health")
+        assert r.status_code == 503 and "neither a bundle" in r.json()["status"]
+        err = assert_error(httpx.post(f"{url}/v1/chat/completions", json=chat_body()), 503, code="not_ready")
+        assert "neither a bundle" in err["message"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
