@@ -169,20 +169,24 @@ def plot_attribution(
 ) -> Path:
     """Top: gradient x input per (answer token, prompt token), red = raised the token's probability, blue =
     lowered it. Bottom: the whole answer's attribution per prompt token."""
+    import numpy as np
+
     plt = _pyplot()
     a, p = scores.shape
     arr = scores.numpy()
-    limit = float(abs(arr).max()) or 1.0
+    # Rows scaled to their own largest |value|: the tokens next to the answer often dwarf the rest, and one
+    # shared scale would leave every other row blank. The bar chart below keeps the raw sums.
+    norm = arr / np.maximum(np.abs(arr).max(axis=1, keepdims=True), 1e-30)
     width = max(6.0, 0.22 * p + 2)
     fig, (ax, bx) = plt.subplots(
         2, 1, figsize=(width, max(4.0, 0.22 * a + 3)), gridspec_kw={"height_ratios": [max(a, 3), 3]}
     )
-    im = ax.imshow(arr, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
+    im = ax.imshow(norm, cmap="coolwarm", vmin=-1.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(p), prompt_labels, rotation=90, fontsize=6)
     ax.set_yticks(range(a), answer_labels, fontsize=6)
     ax.set_xlabel("prompt token")
     ax.set_ylabel("answer token")
-    ax.set_title("gradient x input: d log p(answer token) / d embedding . embedding")
+    ax.set_title("gradient x input, each row scaled to its max |value|", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
     total = arr.sum(0)
     bx.bar(range(p), total, color=["tab:red" if v > 0 else "tab:blue" for v in total])
