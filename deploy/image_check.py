@@ -85,7 +85,9 @@ def main() -> int:
             if status == 200:
                 break
             time.sleep(0.5)
-        check(status == 200, f"/health answers 200 after {time.monotonic() - t0:.1f} s (last status {status})")
+        check(
+            status == 200, f"/health answers 200 after {time.monotonic() - t0:.1f} s (last status {status})"
+        )
         if status != 200:
             return 1
         check(get(f"{base}/health/live")[0] == 200, "/health/live answers 200")
@@ -96,8 +98,12 @@ def main() -> int:
         check(status == 200 and len(models) == 1, f"/v1/models lists one model: {models}")
         status, body = post(
             f"{base}/v1/chat/completions",
-            {"model": models[0] if models else "", "messages": [{"role": "user", "content": "Hello!"}],
-             "max_tokens": 8, "temperature": 0},
+            {
+                "model": models[0] if models else "",
+                "messages": [{"role": "user", "content": "Hello!"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
         )
         choice = (body.get("choices") or [{}])[0]
         check(
@@ -107,14 +113,24 @@ def main() -> int:
         )
 
         status, body = get(f"{base}/metrics")
-        exposed = {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines() if line[:1] not in ("#", "")}
-        wanted = [n.strip() for n in open(args.metrics_file, encoding="utf-8") if n.strip()]
+        exposed = {
+            line.split("{")[0].split(" ")[0]
+            for line in body.decode().splitlines()
+            if line[:1] not in ("#", "")
+        }
+        with open(args.metrics_file, encoding="utf-8") as f:
+            wanted = [n.strip() for n in f if n.strip()]
         missing = sorted(set(wanted) - exposed)
-        check(status == 200 and not missing, f"/metrics exposes the {len(wanted)} series the chart and dashboard "
-              f"read (missing: {missing})")
+        check(
+            status == 200 and not missing,
+            f"/metrics exposes the {len(wanted)} series the chart and dashboard read (missing: {missing})",
+        )
 
         test = json.loads(args.healthcheck_json)
-        command = test[1:] if test and test[0] == "CMD" else ["/bin/sh", "-c", test[1]] if test[0] == "CMD-SHELL" else test
+        if test[0] == "CMD-SHELL":
+            command = ["/bin/sh", "-c", test[1]]
+        else:
+            command = test[1:] if test[0] == "CMD" else test
         done = subprocess.run(command, env=env, timeout=30)
         check(done.returncode == 0, f"the image's HEALTHCHECK exits 0 ({' '.join(command)[:60]}...)")
 

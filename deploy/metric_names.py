@@ -1,5 +1,5 @@
-"""The Prometheus series that the deployment reads: the Grafana dashboard's queries and the chart's autoscaling
-(HPA Pods metric, KEDA query). Tests check each against the service's registry; the image test against a live
+"""The Prometheus series that the deployment reads: the Grafana dashboard's queries, the chart's autoscaling
+(HPA Pods metric, KEDA query), the prometheus-adapter rule and the alerting rules. Tests check each against the service's registry; the image test against a live
 /metrics scrape.
 
     python deploy/metric_names.py   # one name a line
@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "instructlm-dashboard.json"
 TEMPLATES = ROOT / "helm" / "instructlm" / "templates"
+PROMETHEUS = ROOT / "deploy" / "prometheus"
 _NAME = re.compile(r"\binstructlm_[a-z0-9_]+\b")
 
 
@@ -28,8 +29,12 @@ def referenced_metrics() -> list[str]:
     names = set()
     for expr in dashboard_queries():
         names.update(_NAME.findall(expr))
-    for template in ("hpa.yaml", "keda-scaledobject.yaml"):
-        names.update(_NAME.findall((TEMPLATES / template).read_text(encoding="utf-8")))
+    for path in (
+        TEMPLATES / "hpa.yaml",
+        TEMPLATES / "keda-scaledobject.yaml",
+        *sorted(PROMETHEUS.glob("*.yaml")),
+    ):
+        names.update(_NAME.findall(path.read_text(encoding="utf-8")))
     return sorted(names)
 
 
