@@ -26,6 +26,7 @@ import msgspec
 
 from model.errors import ConfigError
 
+DEFAULT_CONFIG = "configs/train/ablation.toml"
 # Lower is better for these; every other reported metric is higher-is-better.
 LOWER_IS_BETTER = {"ppl", "repetition_4", "self_bleu"}
 REPORTED = [
@@ -246,6 +247,7 @@ def write_report(
         "that off), both evaluated on the built dataset's test split, which the raw run never trains on.",
         "",
         f"Command: `{facts['command']}` (config `{facts['config']}`), {facts['date']}.",
+        f"Training budget, identical for both runs: {facts.get('budget', '')}. Evaluation: {facts.get('eval', '')}.",
         f"Machine: {facts['machine']}. Wall time: {facts['seconds']:.0f} s "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in facts['timings'].items())}).",
         "",
@@ -348,6 +350,7 @@ def run(config_path: str | Path, fresh: bool = False) -> Path:
 
     # 3. the same recipe and budget on each
     runs = {"clean": clean, "raw": out / "raw" / "dataset"}
+    budget = []
     for name, dataset in runs.items():
         t0 = time.perf_counter()
         overrides = {
@@ -356,7 +359,13 @@ def run(config_path: str | Path, fresh: bool = False) -> Path:
             "data.dataset": str(dataset),
             "data.tokenizer": str(tokenizer),
         }
-        TR.train(TR.load_config(cfg.train_recipe, overrides), fresh=fresh)
+        train_cfg = TR.load_config(cfg.train_recipe, overrides)
+        budget = [
+            f"{st} {getattr(train_cfg, st).steps} steps x {getattr(train_cfg, st).batch_size * getattr(train_cfg, st).grad_accum}"
+            f" rows x {train_cfg.data.seq_len} tokens"
+            for st in train_cfg.stages
+        ]
+        TR.train(train_cfg, fresh=fresh)
         phase(f"train {name}", t0)
 
     # 4. both on the built test split
@@ -376,7 +385,13 @@ def run(config_path: str | Path, fresh: bool = False) -> Path:
     clean_tokens, clean_val = _tokens_seen(out / "clean")
     raw_tokens, raw_val = _tokens_seen(out / "raw")
     facts = {
-        "command": "make ablation",
+        "command": "make ablation"
+        if Path(config_path) == Path(DEFAULT_CONFIG)
+        else f"python -m training.ablation --config {config_path}",
+        "budget": f"{cfg.train_recipe} with {json.dumps(cfg.train_overrides) if cfg.train_overrides else 'no overrides'}"
+        f" ({'; '.join(budget)}, model {train_cfg.model.preset})",
+        "eval": f"max_new_tokens {cfg.eval.max_new_tokens}, "
+        f"{'first ' + str(cfg.eval.limit) + ' test records per task' if cfg.eval.limit else 'whole test split'}",
         "config": str(config_path),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, "
@@ -405,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m training.ablation", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/train/ablation.toml", help="ablation recipe")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="ablation recipe")
     parser.add_argument("--fresh", action="store_true", help="retrain both runs from scratch")
     args = parser.parse_args(argv)
     try:
