@@ -226,7 +226,7 @@ def sample_value(families: dict, name: str, labels: dict | None = None, suffix: 
 def test_overload_gives_429_while_accepted_requests_finish(small):
     async def run():
         async with httpx.AsyncClient(base_url=small.url, timeout=60) as c:
-            body_a = chat_body("first", max_tokens=300, ignore_eos=True, stream=True)
+            body_a = chat_body("first", max_tokens=1000, ignore_eos=True, stream=True)
             async with c.stream("POST", "/v1/chat/completions", json=body_a) as ra:
                 lines = ra.aiter_lines()
                 assert (await lines.__anext__()).startswith("data: ")
