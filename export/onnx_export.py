@@ -290,11 +290,15 @@ def runner_greedy(
     return out
 
 
-def greedy_parity(model, runner: OnnxRunner, prompts) -> dict[str, Any]:
+def torch_greedy(model, prompts) -> list[list[int]]:
     from model.generate import generate
     from model.sampling import GREEDY
 
-    ref = [g.tokens for g in generate(model, prompts, GREEDY_TOKENS, GREEDY, stop_ids=())]
+    return [g.tokens for g in generate(model, prompts, GREEDY_TOKENS, GREEDY, stop_ids=())]
+
+
+def greedy_parity(ref: list[list[int]], runner: OnnxRunner, prompts) -> dict[str, Any]:
+    """`ref`: torch_greedy's tokens for the same prompts (computed once for every file checked)."""
     got = runner_greedy(runner, prompts, GREEDY_TOKENS)
     matching = []
     for r, g in zip(ref, got, strict=True):
@@ -574,6 +578,7 @@ def export_bundle(
         report["files"]["served.raw.onnx"] = raw_entry  # so open_bundle accepts it for the check below
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         runners = {}
+        greedy_ref = torch_greedy(model, prompts)
         for name in ("served.raw.onnx", SERVED, SERVED_INT8):
             if name not in report["files"]:
                 continue
@@ -582,7 +587,7 @@ def export_bundle(
             )
             runners[name] = runner
             parity = served_parity(model, runner, prompts)
-            parity.update(greedy_parity(model, runner, prompts))
+            parity.update(greedy_parity(greedy_ref, runner, prompts))
             fp32 = report["files"][name]["precision"] == "fp32"
             if fp32:
                 parity["passed"] = _within(parity, FP32_TOL) and parity["greedy_identical"]

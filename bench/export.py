@@ -1,0 +1,430 @@
+"""Served ONNX graph (fp32, int8) vs PyTorch eager vs a bare onnxruntime loop over the optimum-layout graph.
+
+    PYTHONPATH=. python bench/export.py [--checkpoint DIR] [--threads 2] [--context 128] [--steps 64]
+
+Decode: milliseconds per step (one token per row) at batch 1 and 16, each row holding `--context` tokens.
+Prefill: tokens/s for one 128- and one 512-token prompt. PyTorch eager is `model.transformer` over
+`model.cache.KVCache` (what `model.generate` runs); the optimum loop is what a generic tool does: feed present
+back as past, so the cache grows by a concat every step. Without --checkpoint it uses runs/demo/checkpoint when
+it exists, else a random-weight model of the demo shape (same speed, no meaningful perplexity).
+Prints the machine, the command and every time as a ratio to PyTorch eager measured in the same run. Calls of
+all implementations are interleaved; the minimum is the figure to compare (on a shared machine other
+processes' load inflated medians up to 5-fold while minima stayed within a few percent run to run), the
+median is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine(threads: int) -> str:
+    import onnxruntime as ort
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, {threads} thread(s); python {platform.python_version()}, "
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}"
+    )
+
+
+def demo_checkpoint(root: Path) -> Path:
+    """A random-weight demo-shape checkpoint with a small tokenizer (ids beyond it are never produced)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.tokenizer import train_tokenizer
+    from model.transformer import Transformer
+    from tests.conftest import tiny_corpus
+
+    tok = train_tokenizer(tiny_corpus(), vocab_size=512, min_frequency=1)
+    tok.save(root / "tokenizer", model_max_length=1024)
+    cfg = preset("demo", eos_token_id=[tok.eos_id, tok.endoftext_id], pad_token_id=tok.pad_id)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    return save_checkpoint(model, root / "checkpoint", tokenizer_dir=root / "tokenizer")
+
+
+class TorchEager:
+    name = "pytorch eager"
+
+    def __init__(self, model, slots, max_len):
+        import torch
+
+        from model.cache import KVCache
+
+        self.torch, self.model = torch, model
+        self.cache = KVCache(model.config, slots, max_len)
+
+    def prefill(self, rows):
+        t = self.torch
+        with t.no_grad():
+            ids = t.tensor(rows)
+            pos = t.arange(ids.shape[1]).expand_as(ids)
+            return self.model(ids, pos, self.cache, t.arange(len(rows)))[:, -1]
+
+    def decode(self, tokens, positions):
+        t = self.torch
+        with t.no_grad():
+            return self.model(
+                t.tensor(tokens)[:, None], t.tensor(positions)[:, None], self.cache, t.arange(len(tokens))
+            )[:, 0]
+
+
+class Served:
+    def __init__(self, bundle, slots, max_len, threads, model_file, name):
+        from export.runtime import OnnxRunner
+
+        self.name = name
+        self.runner = OnnxRunner(bundle, slots, max_len, model_file=model_file, threads=threads)
+
+    def prefill(self, rows):
+        return self.runner.prefill(rows, list(range(len(rows))), [0] * len(rows))
+
+    def decode(self, tokens, positions):
+        return self.runner.decode(np.asarray(tokens), np.arange(len(tokens)), np.asarray(positions))
+
+
+class OptimumLoop:
+    """A bare onnxruntime loop over optimum/model.onnx: past in, present out, fed back next step."""
+
+    name = "optimum loop"
+
+    def __init__(self, bundle, threads, config):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.sess = ort.InferenceSession(
+            str(bundle / "optimum/model.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+        self.names = [i.name for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
+        self.cfg = config
+
+    def _empty(self, b):
+        shape = (b, self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
+        return {n: np.zeros(shape, np.float32) for n in self.names}
+
+    def prefill(self, rows):
+        ids = np.asarray(rows, np.int64)
+        b, s = ids.shape
+        self.mask = np.ones((b, s), np.int64)
+        out = self.sess.run(
+            None,
+            {
+                "input_ids": ids,
+                "attention_mask": self.mask,
+                "position_ids": np.tile(np.arange(s), (b, 1)),
+                **self._empty(b),
+            },
+        )
+        self.past = dict(zip(self.names, out[1:], strict=True))
+        return out[0][:, -1]
+
+    def decode(self, tokens, positions):
+        b = len(tokens)
+        self.mask = np.ones((b, self.mask.shape[1] + 1), np.int64)
+        out = self.sess.run(
+            None,
+            {
+                "input_ids": np.asarray(tokens, np.int64)[:, None],
+                "attention_mask": self.mask,
+                "position_ids": np.asarray(positions, np.int64)[:, None],
+                **self.past,
+            },
+        )
+        self.past = dict(zip(self.names, out[1:], strict=True))
+        return out[0][:, 0]
+
+
+# --- the two served-graph designs, one attention layer in isolation ------------------------------------------
+def _gqa_layer(h, kv, d, max_len) -> bytes:
+    """Design A: onnxruntime's GroupQueryAttention over a shared past/present buffer [B, KV, max_len, D]
+    (the new token's k/v written in place by the op; active slots must be rows 0..B-1 of the buffer)."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    f, i32 = T.FLOAT, T.INT32
+    inputs = [
+        helper.make_tensor_value_info("query", f, ["B", 1, h * d]),
+        helper.make_tensor_value_info("key", f, ["B", 1, kv * d]),
+        helper.make_tensor_value_info("value", f, ["B", 1, kv * d]),
+        helper.make_tensor_value_info("past_key", f, ["B", kv, max_len, d]),
+        helper.make_tensor_value_info("past_value", f, ["B", kv, max_len, d]),
+        helper.make_tensor_value_info("seqlens_k", i32, ["B"]),
+        helper.make_tensor_value_info("total_sequence_length", i32, []),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("output", f, ["B", 1, h * d]),
+        helper.make_tensor_value_info("present_key", f, ["B", kv, max_len, d]),
+        helper.make_tensor_value_info("present_value", f, ["B", kv, max_len, d]),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        [i.name for i in inputs],
+        [o.name for o in outputs],
+        domain="com.microsoft",
+        num_heads=h,
+        kv_num_heads=kv,
+    )
+    graph = helper.make_graph([node], "gqa", inputs, outputs)
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=ops).SerializeToString()
+
+
+def _mask_layer(h, kv, d, path: Path) -> None:
+    """Design B (chosen): the served graph's attention: gather this batch's used positions from the flat cache,
+    append the new k/v, grouped attention under a length mask; the runner writes the new k/v afterwards."""
+    import torch
+
+    from export.graphs import _split_attention
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, position_ids, kv_index, past_k, past_v):
+            b, length, s = q.shape[0], kv_index.shape[2], q.shape[2]
+            past_ok = (torch.arange(length)[None, :] < position_ids[:, :1])[:, None, :].expand(b, s, length)
+            new_ok = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(b, s, s)
+            return _split_attention(q, past_k[kv_index], past_v[kv_index], k, v, past_ok, new_ok)
+
+    args = (
+        torch.zeros(2, h, 1, d),
+        torch.zeros(2, kv, 1, d),
+        torch.zeros(2, kv, 1, d),
+        torch.full((2, 1), 4),
+        torch.zeros(2, kv, 4, dtype=torch.long),
+        torch.zeros(64, d),
+        torch.zeros(64, d),
+    )
+    names = ["q", "k", "v", "position_ids", "kv_index", "past_k", "past_v"]
+    dyn = {
+        "q": {0: "B"},
+        "k": {0: "B"},
+        "v": {0: "B"},
+        "position_ids": {0: "B"},
+        "kv_index": {0: "B", 2: "L"},
+    }
+    dyn.update({"past_k": {0: "R"}, "past_v": {0: "R"}, "out": {0: "B"}})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Layer(),
+            args,
+            str(path),
+            input_names=names,
+            output_names=["out"],
+            dynamic_axes=dyn,
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
+    """Microseconds per decode call of one attention layer at the demo shape (8 heads over 4 KV heads, head
+    dim 32, a 1024-position cache of 16 slots), both designs bound once through IO binding."""
+    import onnxruntime as ort
+
+    h, kv, d, slots, max_len = 8, 4, 32, 16, 1024
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    gqa = ort.InferenceSession(_gqa_layer(h, kv, d, max_len), opts, providers=["CPUExecutionProvider"])
+    _mask_layer(h, kv, d, tmp / "mask_layer.onnx")
+    mask = ort.InferenceSession(str(tmp / "mask_layer.onnx"), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ck = rng.standard_normal((slots, kv, max_len, d), dtype=np.float32)
+    cv = rng.standard_normal((slots, kv, max_len, d), dtype=np.float32)
+    lines = [
+        "| batch | context | GQA shared buffer (us) | gather + length mask (us) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for b in (1, 16):
+        for ctx in (128, 512):
+            q = rng.standard_normal((b, 1, h * d), dtype=np.float32)
+            k = rng.standard_normal((b, 1, kv * d), dtype=np.float32)
+            v = rng.standard_normal((b, 1, kv * d), dtype=np.float32)
+            # A: rows 0..b-1 of the buffer are the active slots (a contiguous view, no copy).
+            io = gqa.io_binding()
+            pk, pv = ort.OrtValue.ortvalue_from_numpy(ck[:b]), ort.OrtValue.ortvalue_from_numpy(cv[:b])
+            io.bind_ortvalue_input("past_key", pk)
+            io.bind_ortvalue_input("past_value", pv)
+            io.bind_ortvalue_output("present_key", pk)
+            io.bind_ortvalue_output("present_value", pv)
+            io.bind_output("output")
+
+            def run_a(io=io, q=q, k=k, v=v, b=b, ctx=ctx):
+                io.bind_cpu_input("query", q)
+                io.bind_cpu_input("key", k)
+                io.bind_cpu_input("value", v)
+                io.bind_cpu_input("seqlens_k", np.full(b, ctx, np.int32))
+                io.bind_cpu_input("total_sequence_length", np.array(ctx + 1, np.int32))
+                gqa.run_with_iobinding(io)
+
+            # B: the whole buffer bound flat; kv_index picks the rows; the new k/v written by numpy after.
+            iob = mask.io_binding()
+            iob.bind_ortvalue_input("past_k", ort.OrtValue.ortvalue_from_numpy(ck.reshape(-1, d)))
+            iob.bind_ortvalue_input("past_v", ort.OrtValue.ortvalue_from_numpy(cv.reshape(-1, d)))
+            base = (np.arange(slots * kv) * max_len).reshape(slots, kv)
+            slot_ids = np.arange(b)[::-1].copy()  # any slots, not only the first b
+            qb, kb, vb = q.reshape(b, h, 1, d), k.reshape(b, kv, 1, d), v.reshape(b, kv, 1, d)
+
+            def run_b(iob=iob, b=b, ctx=ctx, slot_ids=slot_ids, qb=qb, kb=kb, vb=vb, base=base):
+                kv_index = base[slot_ids][:, :, None] + np.arange(ctx)
+                for name, arr in (
+                    ("q", qb),
+                    ("k", kb),
+                    ("v", vb),
+                    ("position_ids", np.full((b, 1), ctx)),
+                    ("kv_index", kv_index),
+                ):
+                    iob.bind_cpu_input(name, arr)
+                iob.clear_binding_outputs()
+                iob.bind_output("out")
+                mask.run_with_iobinding(iob)
+                ck[slot_ids, :, ctx] = kb[:, :, 0]
+                cv[slot_ids, :, ctx] = vb[:, :, 0]
+
+            ta, tb = [], []
+            for _ in range(repeat):  # interleaved, so load from other processes hits both alike
+                ta.append(_time(run_a))
+                tb.append(_time(run_b))
+            a_us, b_us = np.min(ta) * 1e6, np.min(tb) * 1e6
+            lines.append(f"| {b} | {ctx} | {a_us:.0f} | {b_us:.0f} | {b_us / a_us:.2f} |")
+    return lines
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_ms(impls, batch, context, steps, vocab) -> list[float]:
+    """Median ms per decode step for each implementation, steps interleaved across implementations so that
+    load from other processes on a shared machine falls on all of them alike."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(3, vocab, (batch, context)).tolist()
+    tokens = [3] * batch
+    for impl in impls:
+        impl.prefill(rows)
+    times: list[list[float]] = [[] for _ in impls]
+    for i in range(steps):
+        for t, impl in zip(times, impls, strict=True):
+            t.append(_time(lambda impl=impl, i=i: impl.decode(tokens, [context + i] * batch)))
+    return [(float(np.min(t)) * 1e3, float(np.median(t)) * 1e3) for t in times]
+
+
+def prefill_tps(impls, n, repeat, vocab) -> list[float]:
+    prompt = [np.random.default_rng(n).integers(3, vocab, n).tolist()]
+    for impl in impls:
+        impl.prefill(prompt)  # warm-up
+    times: list[list[float]] = [[] for _ in impls]
+    for _ in range(repeat):
+        for t, impl in zip(times, impls, strict=True):
+            t.append(_time(lambda impl=impl: impl.prefill(prompt)))
+    return [(n / float(np.min(t)), n / float(np.median(t))) for t in times]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="default: runs/demo/checkpoint, else a random demo-shape model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=128, help="tokens already in each row when decoding")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed per case (median)")
+    ap.add_argument("--repeat", type=int, default=7, help="prefill calls timed per case (median)")
+    ap.add_argument("--design-only", action="store_true", help="only the attention-design comparison")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from export.onnx_export import export_bundle
+    from model.checkpoint import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    demo = Path("runs/demo/checkpoint")
+    if args.checkpoint:
+        ckpt, source = Path(args.checkpoint), args.checkpoint
+    elif (demo / "model.safetensors").exists():
+        ckpt, source = demo, str(demo)
+    else:
+        ckpt, source = demo_checkpoint(tmp), "random-weight demo-shape model (runs/demo/checkpoint absent)"
+    print(f"machine: {machine(args.threads)}")
+    print(f"command: PYTHONPATH=. python bench/export.py {shlex.join(sys.argv[1:])}")
+    print(f"model:   {source}")
+    print("\nattention design, one layer, decode (minimum of 200 interleaved calls):")
+    print("\n".join(design_comparison(args.threads, tmp)))
+    if args.design_only:
+        return 0
+    t = time.perf_counter()
+    report = export_bundle(ckpt, tmp / "bundle", quantize="int8", threads=args.threads)
+    print(f"export (served + int8 + optimum + parity): {time.perf_counter() - t:.1f} s")
+    model = load_checkpoint(ckpt)
+    cfg = model.config
+    print(
+        f"shape:   {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
+        f"{cfg.num_key_value_heads}, vocab {cfg.vocab_size}, {model.num_parameters() / 1e6:.1f}M parameters"
+    )
+    max_len = min(cfg.max_position_embeddings, max(512, args.context + args.steps) + 1)
+    slots = 16
+    impls = [
+        TorchEager(model, slots, max_len),
+        Served(tmp / "bundle", slots, max_len, args.threads, "model.onnx", "served fp32"),
+        Served(tmp / "bundle", slots, max_len, args.threads, "model.int8.onnx", "served int8"),
+        OptimumLoop(tmp / "bundle", args.threads, cfg),
+    ]
+    rows = []
+    for batch in (1, 16):
+        ms = decode_ms(impls, batch, args.context, args.steps, cfg.vocab_size)
+        rows.append((f"decode ms/step, batch {batch}, context {args.context}", ms, "ms"))
+    for n in (128, 512):
+        rows.append(
+            (
+                f"prefill tokens/s, {n}-token prompt",
+                prefill_tps(impls, n, args.repeat, cfg.vocab_size),
+                "tok/s",
+            )
+        )
+
+    for stat, label in ((0, "minimum over interleaved calls"), (1, "median")):
+        print(f"\n{label}:")
+        print("| case | " + " | ".join(i.name for i in impls) + " |")
+        print("|" + "---|" * (len(impls) + 1))
+        for case, vals, unit in rows:
+            v = [x[stat] for x in vals]
+            if unit == "ms":  # ratio > 1 = faster than PyTorch eager
+                cells = [f"{x:.2f} ({v[0] / x:.2f}x)" for x in v]
+            else:
+                cells = [f"{x:,.0f} ({x / v[0]:.2f}x)" for x in v]
+            print(f"| {case} | " + " | ".join(cells) + " |")
+    q = report["int8"]
+    print(
+        f"\nint8: file {q['size_ratio']:.2f}x the fp32 size; served fp32 parity "
+        f"{report['files']['model.onnx']['parity']['decode_logits_max_abs']:.1e}, int8 "
+        f"{report['files']['model.int8.onnx']['parity']['decode_logits_max_abs']:.1e} (max |logit diff| vs PyTorch)"
+    )
+    print("(x) = speed relative to PyTorch eager in this run; above 1 is faster.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
