@@ -123,3 +123,25 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "q is on cpu: the Triton kernels need CUDA tensors" in out.stdout
+
+
+def _compile_check(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "kernel_compile_check.py")
+    return subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=1200, env=env
+    )
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never runs the compiler: build every kernel down to an sm_90 cubin (bf16, head dim 128)."""
+    out = _compile_check()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok sm_90") == 9, out.stdout
+
+
+@pytest.mark.slow
+def test_every_config_compiles_for_ampere_and_hopper():
+    out = _compile_check("--full")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "FAIL" not in out.stdout
