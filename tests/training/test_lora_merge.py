@@ -130,3 +130,37 @@ def test_state_helpers_round_trip_and_merge_like_peft(tiny_model):
     assert set(merged) == set(reference)
     for k in reference:
         assert (merged[k] - reference[k]).abs().max() < 1e-6, k  # fp64 fold vs peft's fp32: ~1e-8 apart
+
+
+def test_a_user_brought_llama_checkpoint_adapts_merges_and_loads_back_in_transformers(
+    tmp_path, torch_threads
+):
+    """A checkpoint written by transformers (untied head, 8 heads over 2 KV heads) -> our model -> LoRA on every
+    projection and lm_head -> merged checkpoint that transformers loads with the adapter model's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "theirs")
+    model = load_checkpoint(tmp_path / "theirs")
+    add_lora(model, LoraSettings(r=4, alpha=8, target_modules=[*LoraSettings().target_modules, "lm_head"]))
+    _randomize_b(model)
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model.eval()(ids)
+    save_checkpoint(merge_lora(model), tmp_path / "merged")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        # Same tolerance as the interop test of our model against transformers (float32, different op order).
+        torch.testing.assert_close(hf(ids).logits, adapted, atol=1e-5, rtol=0)
