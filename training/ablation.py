@@ -297,6 +297,17 @@ def write_report(
         "",
         "Per-run reports: `runs/ablation/{clean,raw}/eval/eval.md`.",
         "",
+        "## Evaluating any checkpoint",
+        "",
+        "```",
+        "instructlm eval --checkpoint runs/demo/checkpoint --dataset runs/demo/dataset [--task translation]",
+        "instructlm viz attention --checkpoint runs/demo/checkpoint --text 'How do I reset my password?' --chat",
+        "instructlm viz attribution --checkpoint runs/demo/checkpoint --prompt 'How do I reset my password?'",
+        "```",
+        "",
+        "`eval` writes eval.md, eval.json and PNG plots (default: beside the checkpoint, in `eval/`) and prints "
+        "the sacrebleu signatures; the formulas are in [theory.md](theory.md).",
+        "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")
 
