@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
@@ -180,19 +181,31 @@ class TaskState:
         return kb
 
 
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _data_path(value: str) -> Path:
+    """A relative path from the settings: against the working directory, else against the repository (so the
+    default data/seed/... files are found from any directory in a source checkout)."""
+    p = Path(value)
+    if p.is_absolute() or p.exists() or not (_REPO / p).exists():
+        return p
+    return _REPO / p
+
+
 def build_task_state(srv: ServerState) -> TaskState:
     """At start: a required knowledge base that cannot be loaded stops the server here (KnowledgeBaseError)."""
     ts = srv.settings.tasks
     cs = ts.customer_service
     metrics = TaskMetrics(srv.metrics.registry)
-    kb = ReloadingKnowledgeBase(cs.knowledge_base, required=cs.knowledge_base_required)
+    kb = ReloadingKnowledgeBase(_data_path(cs.knowledge_base), required=cs.knowledge_base_required)
     if kb.kb is not None:
         metrics.kb_reloads.labels(result="ok").inc()
         metrics.kb_entries.set(len(kb.kb.entries))
     else:
         metrics.kb_reloads.labels(result="error").inc()
         log.error("starting without a knowledge base (knowledge_base_required = false): %s", kb.error)
-    labels = CS.load_intent_labels(cs.intent_labels)
+    labels = CS.load_intent_labels(_data_path(cs.intent_labels))
     temperature = CS.Calibration.load(cs.intent_calibration).temperature if cs.intent_calibration else 1.0
     guards = {
         "customer_service": Guard(cs.guard),
