@@ -44,6 +44,8 @@ def test_tokenize_drops_stop_words_and_splits_chinese_into_characters_and_bigram
     assert tokenize("How do I reset my PIN?") == ["reset", "pin"]
     assert tokenize("手机丢了") == ["手", "机", "丢", "了", "手机", "机丢", "丢了"]
     assert tokenize("Grüße, 3.5 GB") == ["grüße", "3.5", "gb"]
+    assert tokenize("charges charged charging") == ["charg"] * 3
+    assert tokenize("bus plans") == ["bus", "plan"]  # "bus": too short to lose its "s"
 
 
 def test_every_seed_faq_question_retrieves_its_own_entry_in_the_top_3():
