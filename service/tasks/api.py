@@ -206,7 +206,12 @@ def build_task_state(srv: ServerState) -> TaskState:
         metrics.kb_reloads.labels(result="error").inc()
         log.error("starting without a knowledge base (knowledge_base_required = false): %s", kb.error)
     labels = CS.load_intent_labels(_data_path(cs.intent_labels))
-    temperature = CS.Calibration.load(cs.intent_calibration).temperature if cs.intent_calibration else 1.0
+    calibration = cs.intent_calibration
+    if calibration == "auto":
+        found = Path(srv.settings.model).resolve().parent / "eval" / "intent_calibration.json"
+        calibration = str(found) if found.is_file() else ""
+    temperature = CS.Calibration.load(calibration).temperature if calibration else 1.0
+    log.info("intent temperature %.3f (%s)", temperature, calibration or "uncalibrated: T = 1")
     guards = {
         "customer_service": Guard(cs.guard),
         "content": Guard(ts.content.guard),

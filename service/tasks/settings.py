@@ -19,8 +19,10 @@ class CustomerServiceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_onl
     knowledge_base_required: bool = True
     top_k: int = 3
     intent_labels: str = "data/seed/intent_labels.jsonl"
-    # The temperature fitted by `instructlm eval --tasks` (intent_calibration.json); "" means T = 1.
-    intent_calibration: str = ""
+    # The temperature fitted by `instructlm eval --tasks` (intent_calibration.json). "auto": the file that
+    # `instructlm eval` writes beside the model (MODEL/../eval/intent_calibration.json) if it exists, else T = 1;
+    # "": T = 1.
+    intent_calibration: str = "auto"
     handoff_threshold: float = 0.4
     max_tokens: int = 128
     guard: GuardConfig = msgspec.field(default_factory=lambda: GuardConfig(allow=list(COMPANY_CONTACTS)))

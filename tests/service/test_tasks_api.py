@@ -13,6 +13,7 @@ import httpx
 import msgspec
 import pytest
 
+from model.errors import UserError
 from service.settings import Settings
 from service.tasks.guard import Guard, GuardConfig
 from service.tasks.settings import TaskSettings
@@ -374,3 +375,35 @@ def test_missing_knowledge_base_refuses_to_start_or_starts_and_says_so(tiny_chec
         assert "bad.yaml" in msg and "not valid YAML" in msg
         # The other endpoints work.
         assert post(srv, "/v1/translate", {"text": "Hello.", "target_lang": "de"}).status_code == 200
+
+
+def test_intent_calibration_file_auto_explicit_and_bad(tmp_path):
+    from service.api.generation import ServerState
+    from service.metrics import Metrics
+    from service.tasks.api import build_task_state
+
+    model = tmp_path / "run" / "bundle"
+    model.mkdir(parents=True)
+    cal = {
+        "temperature": 2.5,
+        "ece_before": 0.2,
+        "ece_after": 0.05,
+        "nll_before": 1.0,
+        "nll_after": 0.8,
+        "n": 56,
+    }
+
+    def state(**cs):
+        return build_task_state(
+            ServerState(settings=_settings(model, SEED / "faq.jsonl", **cs), metrics=Metrics())
+        )
+
+    assert state().temperature == 1.0  # auto, nothing beside the model
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "intent_calibration.json").write_text(json.dumps(cal))
+    assert state().temperature == 2.5  # auto finds MODEL/../eval/intent_calibration.json
+    assert state(intent_calibration="").temperature == 1.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**cal, "temperature": -1}))
+    with pytest.raises(UserError, match="bad.json: temperature must be > 0"):
+        state(intent_calibration=str(bad))
