@@ -158,3 +158,18 @@ def test_history_drops_oldest_turns_never_system_or_latest_user(tiny_tokenizer):
     assert kept == [system, msgs[-1]] and dropped == 12
     with pytest.raises(ContextTooLong, match=f"take {minimal} tokens; the context budget is {minimal - 1}"):
         fit_history(msgs, count, minimal - 1)
+
+
+def test_onnx_runner_scores_match_the_torch_runner(tiny_bundle, tiny_checkpoint, tiny_tokenizer):
+    """The CPU serving image scores intents through the ONNX bundle: same label log-likelihoods as PyTorch."""
+    from service.runners.base import open_runner
+
+    labels = load_intent_labels(SEED / "intent_labels.jsonl")[:4]  # 4 labels: the prompt fits the 256 window
+    clf = IntentClassifier(tiny_tokenizer, labels)
+    onnx = open_runner(tiny_bundle, "onnx", num_slots=4, threads=1)
+    torch_r = open_runner(tiny_checkpoint, "torch", num_slots=4, threads=1)
+    a = clf.classify("my bill is wrong", runner_scorer(onnx, range(4))).scores
+    b = clf.classify("my bill is wrong", runner_scorer(torch_r, range(4))).scores
+    # fp32 both ways: measured 1.2e-7 apart; 1e-5 leaves room for other CPUs' kernels, far below the ~0.1 gaps
+    # between label scores that decide a prediction.
+    np.testing.assert_allclose(a, b, atol=1e-5)
