@@ -78,6 +78,10 @@ class StageSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     warmup_steps: int = 10
     eval_every: int = 0  # 0: at the end only
     checkpoint_every: int = 50
+    # Wall-clock cap for this stage in seconds (0 = none): the stage ends early at the first step past it, with a
+    # final evaluation and checkpoint, and says so. Guarantees `make demo`'s time on a slow or busy machine; the
+    # learning rate has then not finished its decay, so a capped run is not comparable step for step.
+    max_seconds: float = 0.0
 
 
 class OptimSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -621,7 +625,9 @@ def run_stage(
     step = start_step
     val_loss = float("nan")
     try:
-        while step < s.steps:
+        stage_t0 = time.perf_counter()
+        out_of_time = False
+        while step < s.steps and not out_of_time:
             t0 = time.perf_counter()
             rows = [data.stream.next_row() for _ in range(global_rows)]
             mine = rows[info.rank :: info.world_size]
@@ -670,7 +676,12 @@ def run_stage(
                     )
             else:
                 nonfinite_row = 0
-            if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
+            # Every rank must agree on stopping (FSDP collectives): rank 0's clock decides.
+            out_of_time = bool(s.max_seconds) and info.broadcast_object(
+                time.perf_counter() - stage_t0 >= s.max_seconds
+            )
+            last = step == s.steps or out_of_time
+            if (s.eval_every and step % s.eval_every == 0) or last:
                 val_loss = evaluate(wrapped, data.val_rows, s.batch_size, device, autocast_dtype)
                 record["val_loss"] = val_loss
                 if val_loss < best_val:
@@ -690,7 +701,7 @@ def run_stage(
                     f"{record['tokens_per_s']:.0f} tok/s"
                 )
             stop_now = info.all_reduce_sum(1.0 if stop.flag else 0.0) > 0
-            if step % s.checkpoint_every == 0 or step == s.steps or stop_now:
+            if step % s.checkpoint_every == 0 or last or stop_now:
                 save(step)
             if stop_now:
                 if info.is_main:
@@ -707,8 +718,14 @@ def run_stage(
     model_sd, _ = D.full_state(wrapped, optimizer)
     if lora is not None:
         model_sd = L.merged_state(model_sd, lora)
+    if out_of_time and info.is_main:
+        log.warning(
+            "%s: max_seconds %.0f reached; stage ended at step %d of %d", stage, s.max_seconds, step, s.steps
+        )
     summary = {
         "stage": stage,
+        "steps_done": step,
+        "seconds": round(time.perf_counter() - stage_t0, 1),
         "steps": s.steps,
         "val_loss": val_loss,
         "best_val_loss": best_val,
@@ -856,12 +873,13 @@ def finish(cfg: TrainConfig, tokenizer: Tokenizer, summaries: list[dict[str, Any
     lines = [
         "# Training report",
         "",
-        "| stage | steps | val loss | unigram baseline | val ppl | tokens seen |",
-        "|---|---|---|---|---|---|",
+        "| stage | steps | seconds | val loss | unigram baseline | val ppl | tokens seen |",
+        "|---|---|---|---|---|---|---|",
     ]
     for sm in summaries:
         lines.append(
-            f"| {sm['stage']} | {sm['steps']} | {sm['val_loss']:.4f} | {sm.get('unigram_val_loss', float('nan')):.4f} "
+            f"| {sm['stage']} | {sm.get('steps_done', sm['steps'])}/{sm['steps']} | {sm.get('seconds', float('nan')):.0f} "
+            f"| {sm['val_loss']:.4f} | {sm.get('unigram_val_loss', float('nan')):.4f} "
             f"| {math.exp(min(sm['val_loss'], 50)):.1f} | {sm['tokens_seen']:,} |"
         )
     lines += ["", "## Samples (greedy)", ""]

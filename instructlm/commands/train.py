@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     for s in report["stages"]:
         base = s.get("unigram_val_loss")
         extra = f" (unigram baseline {base:.4f})" if base is not None else ""
-        print(f"{s['stage']}: validation loss {s['val_loss']:.4f}{extra} after {s['steps']} steps")
+        steps = s.get("steps_done", s["steps"])
+        took = f" in {s['seconds']:.0f} s" if "seconds" in s else ""
+        print(f"{s['stage']}: validation loss {s['val_loss']:.4f}{extra} after {steps} steps{took}")
     for sample in report.get("samples", []):
         print(f"[{sample['task']}] {sample['prompt'][:80]!r} -> {sample['generated'][:160]!r}")
     print(f"checkpoint: {report.get('checkpoint')}")

@@ -169,3 +169,27 @@ def test_dataset_without_manifest_via_cli(tmp_path, tokenizer_dir, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no manifest.json" in err and str(tmp_path / "ds") in err
+
+
+def test_max_seconds_ends_a_stage_early_and_says_so(
+    tmp_path, train_dataset, tokenizer_dir, torch_threads, caplog
+):
+    import logging
+
+    path = write_config(tmp_path / "t.toml", train_dataset, tokenizer_dir, tmp_path / "out", steps=100000)
+    path.write_text(path.read_text().replace('stages = ["pretrain", "sft"]', 'stages = ["sft"]'))
+    cfg = TR.load_config(path, {"sft.max_seconds": 0.5})
+    with caplog.at_level(logging.WARNING):
+        report = TR.train(cfg)
+    sft = report["stages"][0]
+    assert 1 <= sft["steps_done"] < 100000 and math.isfinite(sft["val_loss"])
+    assert any("max_seconds 0 reached; stage ended at step" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "out/checkpoint/model.safetensors").exists()
+
+
+def test_configs_shipped_load(tmp_path):
+    from pathlib import Path
+
+    for name in ("demo", "small"):
+        cfg = TR.load_config(Path(__file__).resolve().parents[2] / f"configs/train/{name}.toml")
+        assert cfg.stages == ["pretrain", "sft"]
