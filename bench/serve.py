@@ -66,8 +66,10 @@ def machine() -> str:
         pass
     import onnxruntime
 
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{cpu}, {os.cpu_count()} cores (load average {load}: shared with other jobs), "
+        f"Python {platform.python_version()}, "
         f"onnxruntime {onnxruntime.__version__}, {platform.system()} {platform.release()}"
     )
 
@@ -141,9 +143,11 @@ def transformers_generate(ckpt: Path, threads: int, prompt_ids: list[int], new: 
     return new / (time.perf_counter() - t0)
 
 
-def llama_cpp(ckpt: Path, root: Path, threads: int, prompt_ids: list[int], new: int) -> dict | str:
+def llama_cpp(ckpt: Path, root: Path, threads: int, prompts: list[list[int]], new: int) -> dict | str:
+    """llama.cpp on the f32 GGUF export of the same weights: one stream (the high-level API, greedy), and 16
+    sequences decoded together through one `llama_decode` per step (the low-level batch API)."""
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp as L
         from llama_cpp import Llama
     except ImportError:
         return "llama-cpp-python is not installed (`pip install -e '.[bench]'`, about 12 minutes to compile)"
@@ -152,6 +156,7 @@ def llama_cpp(ckpt: Path, root: Path, threads: int, prompt_ids: list[int], new: 
     gguf = root / "model.f32.gguf"
     if not gguf.exists():
         export_gguf(ckpt, gguf, weight_type="f32")
+    out: dict = {"version": L.__version__}
     llm = Llama(
         model_path=str(gguf),
         n_ctx=1024,
@@ -160,13 +165,59 @@ def llama_cpp(ckpt: Path, root: Path, threads: int, prompt_ids: list[int], new: 
         n_batch=512,
         verbose=False,
     )
-    llm.eval(prompt_ids)
+    llm.eval(prompts[0])
     t0 = time.perf_counter()
     for _ in range(new):
         tok = llm.sample(temp=0.0)
         llm.eval([tok])
-    single = (time.perf_counter() - t0) / new
-    return {"single_step_s": single}
+    out["single_step_s"] = (time.perf_counter() - t0) / new
+    del llm
+
+    n_seq = 16
+    try:
+        params = L.llama_context_default_params()
+        params.n_ctx = 2048
+        params.n_batch = 2048
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = threads
+        model = L.llama_model_load_from_file(str(gguf).encode(), L.llama_model_default_params())
+        ctx = L.llama_init_from_model(model, params)
+        vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+        batch = L.llama_batch_init(2048, 0, n_seq)
+
+        def run(rows: list[tuple[int, int, int, bool]]) -> None:
+            for i, (token, pos, seq, logits) in enumerate(rows):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+                batch.seq_id[i][0], batch.logits[i] = seq, logits
+            batch.n_tokens = len(rows)
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def argmax(i: int) -> int:
+            return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
+
+        rows, pos = [], []
+        for s in range(n_seq):
+            p = prompts[s % len(prompts)]
+            rows += [(t, j, s, j == len(p) - 1) for j, t in enumerate(p)]
+            pos.append(len(p))
+        run(rows)
+        last = np.cumsum([len(prompts[s % len(prompts)]) for s in range(n_seq)]) - 1
+        toks = [argmax(int(i)) for i in last]
+        times = []
+        for _ in range(new):
+            t0 = time.perf_counter()
+            run([(toks[s], pos[s], s, True) for s in range(n_seq)])
+            toks = [argmax(s) for s in range(n_seq)]
+            times.append(time.perf_counter() - t0)
+            pos = [p + 1 for p in pos]
+        out["batch16_step_s"] = statistics.median(times[4:])
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+    except (AttributeError, RuntimeError) as exc:
+        out["batch16_error"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 # --- the server ---------------------------------------------------------------------------------------------
@@ -331,7 +382,7 @@ def main() -> int:
     print("baseline: transformers generate ...", flush=True)
     hf_tok_s = transformers_generate(ckpt, args.threads, prompt_ids[0], args.max_tokens)
     print("baseline: llama.cpp ...", flush=True)
-    llama = llama_cpp(ckpt, tmp, args.threads, prompt_ids[0], args.max_tokens)
+    llama = llama_cpp(ckpt, tmp, args.threads, prompt_ids, args.max_tokens)
 
     proc, url, ready_s = start_server(bundle, args.threads, max(args.concurrency))
     rows = []
@@ -392,8 +443,16 @@ def render(args, command, source, bare, hf_tok_s, llama, rows, ready_s) -> str:
     lines.append(f"- transformers `generate` (torch eager, batch 1): {hf_tok_s:.0f} tok/s")
     if isinstance(llama, dict):
         lines.append(
-            f"- llama.cpp (llama-cpp-python, f32 GGUF) single stream: {llama['single_step_s'] * 1000:.2f} ms/step"
+            f"- llama.cpp (llama-cpp-python {llama['version']}, f32 GGUF) single stream: "
+            f"{llama['single_step_s'] * 1000:.2f} ms/step"
         )
+        if "batch16_step_s" in llama:
+            b16 = llama["batch16_step_s"]
+            lines.append(
+                f"- llama.cpp 16 sequences, one llama_decode per step: {b16 * 1000:.2f} ms/step ({16 / b16:.0f} tok/s)"
+            )
+        else:
+            lines.append(f"- llama.cpp 16 sequences: not measured ({llama.get('batch16_error')})")
     else:
         lines.append(f"- llama.cpp: not measured: {llama}")
     lines += ["", "Ratios:", ""]
@@ -418,6 +477,12 @@ def render(args, command, source, bare, hf_tok_s, llama, rows, ready_s) -> str:
     if isinstance(llama, dict) and 1 in by_c:
         lines.append(
             f"- ITL p50 / llama.cpp step: {by_c[1]['itl_p50_ms'] / (llama['single_step_s'] * 1000):.2f} (goal <= 1.2)"
+        )
+    if isinstance(llama, dict) and "batch16_step_s" in llama and 16 in by_c:
+        ratio = by_c[16]["out_tok_s"] / (16 / llama["batch16_step_s"])
+        lines.append(
+            f"- served tok/s at concurrency 16 / llama.cpp batched decode of 16 (no HTTP, no prefill): {ratio:.2f} "
+            "(goal: >= 1.2x llama.cpp's server, which adds HTTP and prefill to this)"
         )
     lines += [
         "",
