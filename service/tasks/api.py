@@ -458,11 +458,12 @@ async def _customer_service(srv: ServerState, tasks: TaskState, data: CustomerSe
     def count(msgs):
         return len(encode_chat(tokenizer, msgs, add_generation_prompt=True).ids)
 
+    # A client's own system turn is kept, after ours (company prompt + knowledge entries).
+    extra = "\n\n" + messages[0]["content"] if messages[0]["role"] == "system" else ""
+
     def system_with(entries):
-        return {
-            "role": "system",
-            "content": CS.knowledge_prompt([(h.entry.question, h.entry.answer) for h in entries]),
-        }
+        pairs = [(h.entry.question, h.entry.answer) for h in entries]
+        return {"role": "system", "content": CS.knowledge_prompt(pairs) + extra}
 
     # The entries must fit beside the latest user turn: the weakest go first, before any old turn is dropped.
     used = list(hits)
