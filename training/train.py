@@ -460,11 +460,13 @@ class MetricsLog:
         # After a resume, lines past the checkpoint's step were written by the killed run: drop them so the
         # file reads as one uninterrupted run.
         if path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by the kill
             path.write_text("".join(k + "\n" for k in kept))
         if tensorboard:
             try:
@@ -684,7 +686,8 @@ def run_stage(
             if (s.eval_every and step % s.eval_every == 0) or last:
                 val_loss = evaluate(wrapped, data.val_rows, s.batch_size, device, autocast_dtype)
                 record["val_loss"] = val_loss
-                if val_loss < best_val:
+                # Rank 0 decides, so every rank joins the same collective save (FSDP gathers).
+                if info.broadcast_object(val_loss < best_val):
                     best_val = val_loss
                     save(step, stage_dir / "best")
             metrics.write(record)
@@ -714,6 +717,8 @@ def run_stage(
         bar.close()
         metrics.close()
 
+    if math.isnan(val_loss):  # resumed from the stage's last checkpoint: the loop had nothing left to run
+        val_loss = evaluate(wrapped, data.val_rows, s.batch_size, device, autocast_dtype)
     # The stage's result: an HF checkpoint with the tokenizer, which the next stage (or export) starts from.
     model_sd, _ = D.full_state(wrapped, optimizer)
     if lora is not None:

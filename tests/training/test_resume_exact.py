@@ -175,3 +175,17 @@ def test_resume_with_changed_config_or_world_size_is_refused(short_run):
         TR.train(TR.load_config(path))
     TR.train(TR.load_config(path), fresh=True)  # --fresh starts over
     assert (ckpt_dir.parent / "final/stage_summary.json").exists()
+
+
+def test_resume_after_the_last_checkpoint_only_finishes_the_stage(short_run):
+    path, _cfg, final, ckpt_dir = short_run
+    metrics = ckpt_dir.parent / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"stage": "sft", "step": 9, "lo')  # a line cut short by a kill
+    report = TR.train(TR.load_config(path))
+    assert report["stages"][0]["val_loss"] == pytest.approx(
+        json.loads(metrics.read_text().splitlines()[-1])["val_loss"]
+    )
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 9))
+    again = load_file(ckpt_dir.parents[2] / "checkpoint/model.safetensors")
+    assert all(torch.equal(again[k], final[k]) for k in final)
