@@ -407,3 +407,18 @@ def test_intent_calibration_file_auto_explicit_and_bad(tmp_path):
     bad.write_text(json.dumps({**cal, "temperature": -1}))
     with pytest.raises(UserError, match="bad.json: temperature must be > 0"):
         state(intent_calibration=str(bad))
+
+
+def test_client_system_turn_is_kept_after_the_company_prompt(live):
+    user = {"role": "user", "content": "Where is my order?"}
+    plain = post(live, "/v1/customer-service/chat", {"messages": [user], "top_k": 0}).json()
+    extra = "Answer in one short sentence."
+    with_sys = post(
+        live,
+        "/v1/customer-service/chat",
+        {"messages": [{"role": "system", "content": extra}, user], "top_k": 0},
+    ).json()
+    tok = live.state.tokenizer
+    grown = with_sys["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
+    # BPE may merge one token differently where the two texts meet.
+    assert abs(grown - len(tok.encode("\n\n" + extra))) <= 1 and grown > 3
