@@ -80,6 +80,26 @@ class ServedGraph(nn.Module):
 
     Past position l of row b is visible when l < start_b; the new tokens see each other causally. The graph
     never copies the cache: it gathers only the L positions this batch reads (L = the longest row's start).
+
+    Why this design and not onnxruntime's GroupQueryAttention over a shared past/present buffer (the other one
+    issue 7 names): measured by `bench/export.py` at the demo shape (8 query heads over 4 KV heads, head dim
+    32, 16 slots of 1024 positions), one layer's decode attention, 1 thread, minimum of 200 interleaved calls:
+
+        batch, context    GQA in place   gather + length mask (this graph)
+        1, 128                17 us          46 us
+        1, 512                55 us          75 us
+        16, 128              135 us         196 us
+        16, 512              531 us         699 us
+
+    GQA is 1.3-2.7x faster on attention alone, but attention is a small part of a demo-shape step: the same
+    run's whole served step is about 2.2 ms at batch 1 and 14.5 ms at batch 16 (context 128), so GQA would save
+    0.2 ms (8%) and 0.4 ms (3%). What it would cost: its batch rows must be the buffer's rows, so the engine's
+    slots would have to be compacted (a cache copy) whenever a sequence ends out of order, or idle slots run as
+    dummy rows; its CPU kernel takes one new-token count for every row, so a ragged mix of prefill chunks would
+    be padded into positions past each row's end; it cannot return every position's logits; and it is a
+    com.microsoft op that onnx.checker and other runtimes do not know. This graph takes any slot in any row,
+    any mix of chunk lengths and past lengths in one call, uses standard ONNX ops only, and is traced from
+    the model's own PyTorch modules (parity about 1e-6).
     """
 
     def __init__(self, model: Transformer) -> None:

@@ -228,6 +228,19 @@ class OnnxRunner:
             if end > self.max_len:
                 raise ValueError(f"slot {slot}: position {end - 1} is past the cache length {self.max_len}")
 
+    def _check_starts(self, slots: np.ndarray, starts: np.ndarray) -> None:
+        """A row continues its slot: it may start at or before the slot's length, never past it (positions in
+        between would be read unwritten), and a slot appears once per call (two rows would race to write it)."""
+        if len(np.unique(slots)) != len(slots):
+            raise ValueError(f"slots {slots.tolist()} repeat a slot within one call")
+        bad = np.nonzero((starts < 0) | (starts > self.lengths[slots]))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(
+                f"slot {int(slots[i])} holds {int(self.lengths[slots[i]])} positions; a row cannot start at "
+                f"position {int(starts[i])}"
+            )
+
     # --- the Runner interface ----------------------------------------------------------------------------
     def _run(self, ids, pos, logits_index, slots, past_len):
         kv_index = self._base[slots][:, :, None] + np.arange(past_len, dtype=np.int64)  # [B, KV, L]
@@ -262,6 +275,7 @@ class OnnxRunner:
         starts_a = np.asarray(starts, dtype=np.int64)
         slots_a = np.asarray(slots, dtype=np.int64)
         self._check_rows(slots, (starts_a + lens).tolist())
+        self._check_starts(slots_a, starts_a)
         s = int(lens.max())
         ids = np.full((b, s), self.pad_id, dtype=np.int64)
         pos = np.full((b, s), -1, dtype=np.int64)
@@ -294,6 +308,7 @@ class OnnxRunner:
         if not (len(tokens) == len(slots_a) == len(pos)) or len(tokens) == 0:
             raise ValueError(f"decode: {len(tokens)} tokens, {len(slots_a)} slots, {len(pos)} positions")
         self._check_rows(slots_a.tolist(), (pos + 1).tolist())
+        self._check_starts(slots_a, pos)
         logits, new_kv = self._run(
             tokens[:, None], pos[:, None], np.zeros((len(tokens), 1), np.int64), slots_a, int(pos.max())
         )

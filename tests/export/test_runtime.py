@@ -108,6 +108,13 @@ def test_bad_rows_are_refused(runner):
         runner.prefill([[5] * 10], [0], [90])
     with pytest.raises(ValueError, match="row 1 is empty"):
         runner.prefill([[5], []], [0, 1], [0, 0])
+    runner.release(1)
+    with pytest.raises(ValueError, match="slot 1 holds 0 positions; a row cannot start at position 4"):
+        runner.prefill([[5, 6]], [1], [4])
+    with pytest.raises(ValueError, match="slot 1 holds 0 positions; a row cannot start at position 3"):
+        runner.decode(np.array([5]), np.array([1]), np.array([3]))
+    with pytest.raises(ValueError, match="repeat a slot"):
+        runner.prefill([[5], [6]], [1, 1], [0, 0])
 
 
 def test_providers_are_what_onnxruntime_registered(runner):
