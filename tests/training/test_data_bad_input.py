@@ -36,7 +36,7 @@ def test_malformed_line_wrong_shape_missing_field_wrong_type_each_rejected_with_
         "[1, 2, 3]",
         '{"instruction": "Name a fruit."}',
         '{"instruction": "Name a fruit.", "output": ["apple"]}',
-        json.dumps(GOOD),
+        json.dumps({**GOOD, "output": "Green."}),
     )
     m = _one_source(tmp_path, "a.jsonl")
     assert m["counts"]["inputs"] == 6 and m["counts"]["kept"] == 2

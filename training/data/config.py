@@ -10,6 +10,9 @@ import msgspec
 
 from model.errors import ConfigError
 from model.tasks import TASKS
+from training.data.dedup import DedupConfig, SplitConfig
+from training.data.filters import FilterConfig
+from training.data.split import AugmentConfig, BalanceConfig
 
 
 class SourceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -50,9 +53,17 @@ class DataConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int = 0
     base_dir: str = "."  # relative to the recipe file's directory
     workers: int = 1
+    pictures: bool = (
+        True  # report/*.png beside report.md (matplotlib, ~1.5 s); tests of single stages skip them
+    )
     sources: list[SourceConfig] = []
     normalize: NormalizeConfig = msgspec.field(default_factory=NormalizeConfig)
     validate: ValidateConfig = msgspec.field(default_factory=ValidateConfig)
+    filter: FilterConfig = msgspec.field(default_factory=FilterConfig)
+    dedup: DedupConfig = msgspec.field(default_factory=DedupConfig)
+    split: SplitConfig = msgspec.field(default_factory=SplitConfig)
+    augment: AugmentConfig = msgspec.field(default_factory=AugmentConfig)
+    balance: BalanceConfig = msgspec.field(default_factory=BalanceConfig)
 
 
 @dataclass
@@ -78,6 +89,7 @@ class SourceSpec:
     pii: tuple[str, ...]
     instruction_dedup: bool
     extra_files: list[Path] = field(default_factory=list)
+    base_dir: Path = Path(".")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DataConfig:
@@ -106,6 +118,36 @@ def check_config(cfg: DataConfig, where: str) -> None:
             raise ConfigError(f"{where}: sources[{i}].encoding: unknown encoding '{s.encoding}'") from None
     if cfg.validate.max_chars < 1 or cfg.validate.max_turns < 1:
         raise ConfigError(f"{where}: validate.max_chars and validate.max_turns must be >= 1")
+    for key, value in (
+        ("dedup.near_threshold", cfg.dedup.near_threshold),
+        ("dedup.instruction_rouge_l", cfg.dedup.instruction_rouge_l),
+        ("dedup.instruction_candidates", cfg.dedup.instruction_candidates),
+        ("split.link_char3", cfg.split.link_char3),
+        ("split.link_word3", cfg.split.link_word3),
+        ("split.link_rouge_l", cfg.split.link_rouge_l),
+        ("augment.rephrase_fraction", cfg.augment.rephrase_fraction),
+        ("filter.max_char_rep", cfg.filter.max_char_rep),
+        ("filter.max_word_rep", cfg.filter.max_word_rep),
+        ("filter.max_special_ratio", cfg.filter.max_special_ratio),
+        ("filter.min_alnum_ratio", cfg.filter.min_alnum_ratio),
+        ("filter.max_restate", cfg.filter.max_restate),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where}: {key} must be between 0 and 1, got {value}")
+    if (
+        cfg.split.val_fraction < 0
+        or cfg.split.test_fraction < 0
+        or cfg.split.val_fraction + cfg.split.test_fraction >= 1
+    ):
+        raise ConfigError(f"{where}: split.val_fraction + split.test_fraction must be in [0, 1)")
+    if cfg.dedup.ngram < 1 or cfg.filter.char_rep_n < 1 or cfg.filter.word_rep_n < 1:
+        raise ConfigError(f"{where}: dedup.ngram, filter.char_rep_n and filter.word_rep_n must be >= 1")
+    if cfg.dedup.num_perm < 16 or cfg.split.num_perm < 16:
+        raise ConfigError(f"{where}: dedup.num_perm and split.num_perm must be >= 16")
+    if cfg.balance.temperature <= 0 or cfg.balance.cap < 0 or cfg.balance.max_per_task < 0:
+        raise ConfigError(
+            f"{where}: balance.temperature must be > 0, balance.cap and balance.max_per_task >= 0"
+        )
 
 
 def resolve_sources(cfg: DataConfig, config_path: Path | None) -> list[SourceSpec]:
@@ -147,7 +189,7 @@ def resolve_sources(cfg: DataConfig, config_path: Path | None) -> list[SourceSpe
                 index=i, name=name, reader=s.reader, where=where, path=path, display=display, task=s.task,
                 limit=s.limit, encoding=s.encoding, columns=dict(s.columns), delimiter=s.delimiter,
                 text_unit=s.text_unit, src_lang=s.src_lang, tgt_lang=s.tgt_lang, languages=list(s.languages),
-                labels=labels, pii=pii, instruction_dedup=s.instruction_dedup, extra_files=extra,
+                labels=labels, pii=pii, instruction_dedup=s.instruction_dedup, extra_files=extra, base_dir=base,
             )
         )  # fmt: skip
     return specs

@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ import msgspec
 
 from model.tasks import render_instruction
 from training.data.config import DataConfig, SourceSpec, resolve_sources
+from training.data.dedup import Keys
 from training.data.label import label_task
 from training.data.normalize import normalize_text
 from training.data.readers import READERS, Draft, ReadStats, RecordError, Unit
-from training.data.record import ENCODER, Message, Record, Rejection, Source, make_id
+from training.data.record import ENCODER, Duplicate, Message, Record, Rejection, Source, make_id
+from training.data.similarity import tokens
 from training.data.validate import validate
 
 BATCH = 256  # units per worker task: large enough to amortize pickling, small enough to stream
@@ -86,46 +89,57 @@ def _record_from_draft(draft: Draft, source: Source, spec: SourceSpec) -> Record
     )  # fmt: skip
 
 
-def process_unit(spec: SourceSpec, unit: Unit, cfg: DataConfig) -> tuple[str, Any]:
-    """One input through read → normalize → validate → label. Returns ("kept", Record) or
-    ("rejected", Rejection)."""
+def _filters(cfg: DataConfig, base_dir: Path):
+    if "filters" not in _WORKER:
+        from training.data.filters import Filters
+
+        _WORKER["filters"] = Filters(cfg.filter, str(base_dir))
+    return _WORKER["filters"]
+
+
+def process_unit(spec: SourceSpec, unit: Unit, cfg: DataConfig, timer: Counter | None = None) -> Outcome:
+    """One input through read → normalize → label → validate → filter → signatures."""
+    from training.data.dedup import compute_keys
+
+    timer = timer if timer is not None else Counter()
+    t0 = time.perf_counter()
     reader = READERS[spec.reader]
     rid = make_id(spec.name, unit.source.where())
     try:
         draft = reader.convert(unit.payload, spec)
         record = _record_from_draft(draft, unit.source, spec)
     except RecordError as exc:
-        return "rejected", Rejection(rid, spec.name, unit.source, "read", str(exc))
-    try:
-        record = normalize_record(record, spec, cfg)
-    except RecordError as exc:
-        return "rejected", Rejection(rid, spec.name, unit.source, "normalize", str(exc))
+        timer["read"] += time.perf_counter() - t0
+        return Outcome(None, Rejection(rid, spec.name, unit.source, "read", str(exc)), None)
+    t1 = time.perf_counter()
+    timer["read"] += t1 - t0
+    record = normalize_record(record, spec, cfg)
     task, how = label_task(record, spec.task, draft.task)
     record.task = task  # type: ignore[assignment]
     record.meta["task_from"] = how
+    t2 = time.perf_counter()
+    timer["normalize"] += t2 - t1
     reason = validate(record, cfg.validate.max_chars, cfg.validate.max_turns, cfg.validate.check_language)
+    t3 = time.perf_counter()
+    timer["validate"] += t3 - t2
     if reason:
-        return "rejected", Rejection(rid, spec.name, unit.source, "validate", reason, record)
-    return "kept", record
+        return Outcome(None, Rejection(rid, spec.name, unit.source, "validate", reason, record), None)
+    reason = _filters(cfg, spec.base_dir).check(record)
+    t4 = time.perf_counter()
+    timer["filter"] += t4 - t3
+    if reason:
+        return Outcome(None, Rejection(rid, spec.name, unit.source, "filter", reason, record), None)
+    keys = compute_keys(record, cfg.dedup, cfg.split, spec.instruction_dedup)
+    timer["signatures"] += time.perf_counter() - t4
+    return Outcome(record, None, keys)
 
 
-def process_units(batch: list[tuple[int, Unit]]) -> list[bytes]:
-    """Worker entry: a batch of (source index, unit) → encoded outcomes (bytes pickle cheaply)."""
+def process_units(batch: list[tuple[int, Unit]]) -> tuple[list[bytes], dict[str, float]]:
+    """Worker entry: a batch of (source index, unit) → encoded outcomes (bytes pickle cheaply) and stage times."""
     specs, cfg = _WORKER["specs"], _WORKER["cfg"]
-    out = []
-    for spec_index, unit in batch:
-        status, value = process_unit(specs[spec_index], unit, cfg)
-        pair = (value, None) if status == "kept" else (None, value)
-        out.append(msgspec.msgpack.encode(pair))
-    return out
-
-
-_OUTCOME = msgspec.msgpack.Decoder(tuple[Record | None, Rejection | None])
-
-
-def _decode_outcome(raw: bytes) -> tuple[str, Any]:
-    record, rejection = _OUTCOME.decode(raw)
-    return ("kept", record) if record is not None else ("rejected", rejection)
+    timer: Counter = Counter()
+    out = [msgspec.msgpack.encode(process_unit(specs[i], unit, cfg, timer)) for i, unit in batch]
+    return out, dict(timer)
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -147,24 +161,37 @@ def _batched(it: Iterator[tuple[int, Unit]]) -> Iterator[list[tuple[int, Unit]]]
         yield batch
 
 
+class Outcome(msgspec.Struct, array_like=True):
+    record: Record | None
+    rejection: Rejection | None
+    keys: Keys | None
+
+
+_OUTCOME = msgspec.msgpack.Decoder(Outcome)
+
+
 def outcomes(
-    specs: list[SourceSpec], cfg: DataConfig, workers: int, stats: dict[str, ReadStats]
-) -> Iterator[Any]:
+    specs: list[SourceSpec], cfg: DataConfig, workers: int, stats: dict[str, ReadStats], timer: Counter
+) -> Iterator[Outcome]:
     batches = _batched(iter_all_units(specs, stats))
     if workers <= 1:
         _init_worker(specs, cfg)
-        for batch in batches:
-            for raw in process_units(batch):
-                yield _decode_outcome(raw)
+        results: Iterable[tuple[list[bytes], dict[str, float]]] = map(process_units, batches)
+        for raws, times in results:
+            timer.update(times)
+            for raw in raws:
+                yield _OUTCOME.decode(raw)
         return
     import multiprocessing as mp
 
-    # fork is not safe with threads and is gone on macOS; spawn costs ~1 s per worker once.
+    # spawn, not fork: fork is unsafe once threads exist and is gone on macOS; it costs ~1 s per worker once.
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(specs, cfg)) as pool:
-        for results in pool.imap(process_units, batches, chunksize=1):
-            for raw in results:
-                yield _decode_outcome(raw)
+        # Ordered imap: outcomes come back in input order, so N workers write what one writes.
+        for raws, times in pool.imap(process_units, batches, chunksize=1):
+            timer.update(times)
+            for raw in raws:
+                yield _OUTCOME.decode(raw)
 
 
 def file_sha256(path: Path) -> str:
@@ -193,8 +220,15 @@ def input_files(spec: SourceSpec) -> list[tuple[str, Path]]:
     return files
 
 
+def config_data(cfg: DataConfig) -> dict[str, Any]:
+    """The recipe as data, without `workers`: how many processes ran changes no byte of the output."""
+    data = msgspec.to_builtins(cfg)
+    data.pop("workers", None)
+    return data
+
+
 def config_hash(cfg: DataConfig) -> str:
-    return hashlib.sha256(ENCODER.encode(msgspec.to_builtins(cfg))).hexdigest()
+    return hashlib.sha256(ENCODER.encode(config_data(cfg))).hexdigest()
 
 
 class Writer:
@@ -237,41 +271,148 @@ class Writer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def build(cfg: DataConfig, out_dir: str | Path, config_path: str | Path | None = None, workers: int | None = None,
-          progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Run the whole pipeline; returns the manifest (also written to out_dir/manifest.json)."""
+          progress: bool = True, stats_out: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the whole pipeline; returns the manifest (also written to out_dir/manifest.json). `stats_out`, when
+    given, receives seconds and peak memory per stage (kept out of the manifest so builds stay byte-identical)."""
     from tqdm import tqdm
+
+    from training.data.dedup import Deduper, Grouper
+    from training.data.split import Entry
 
     out_dir = Path(out_dir)
     specs = resolve_sources(cfg, Path(config_path) if config_path else None)
     workers = workers or cfg.workers
     stats = {s.name: ReadStats() for s in specs}
+    timer: Counter[str] = Counter()
+    peaks: dict[str, float] = {}
     writer = Writer(out_dir)
     try:
         counts = Counters(specs)
+        report = ReportData()
+        deduper, grouper = Deduper(cfg.dedup), Grouper(cfg.split)
+        entries: list[Entry] = []
         bar = tqdm(desc="data build", unit="rec", disable=not progress, mininterval=0.5, dynamic_ncols=True)
         with open(writer.path("kept.spool"), "wb") as spool:
-            for status, value in outcomes(specs, cfg, workers, stats):
+            for outcome in outcomes(specs, cfg, workers, stats, timer):
                 bar.update(1)
-                if status == "rejected":
-                    counts.reject(value)
-                    writer.write("rejected.jsonl", value)
+                if outcome.rejection is not None:
+                    counts.reject(outcome.rejection)
+                    writer.write("rejected.jsonl", outcome.rejection)
                     continue
-                counts.keep_read(value)
-                spool.write(ENCODER.encode(value) + b"\n")
+                record, keys = outcome.record, outcome.keys
+                assert record is not None and keys is not None
+                counts.inputs += 1
+                t0 = time.perf_counter()
+                dup = deduper.check(record.id, keys)
+                t1 = time.perf_counter()
+                timer["dedup"] += t1 - t0
+                if dup is not None:
+                    counts.duplicate(record, dup[1])
+                    report.dup_clusters[dup[0]] += 1
+                    writer.write(
+                        "duplicates.jsonl", Duplicate(record.id, dup[0], dup[1], dup[2], record.source)
+                    )
+                    continue
+                grouper.add(record.id, keys)
+                timer["group"] += time.perf_counter() - t1
+                entries.append(Entry(record.id, record.task, record.meta.get("split")))
+                spool.write(ENCODER.encode(record) + b"\n")
         bar.close()
-        splits = _write_splits(writer, counts)
-        writer.touch("rejected.jsonl", "duplicates.jsonl", "train.jsonl", "val.jsonl", "test.jsonl")
-        os.remove(writer.path("kept.spool"))
-        manifest = _manifest(cfg, specs, counts, stats, splits)
-        (writer.path("manifest.json")).write_text(
-            json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        )
+        peaks["stream"] = _peak_mb()
+        t0 = time.perf_counter()
+        manifest = _finish(cfg, specs, counts, stats, writer, entries, grouper, report)
+        timer["split+augment+balance+write"] += time.perf_counter() - t0
+        peaks["finish"] = _peak_mb()
+        t0 = time.perf_counter()
+        from training.data.report import write_report
+
+        write_report(writer.tmp, manifest, report, pictures=cfg.pictures)
+        timer["report"] += time.perf_counter() - t0
         writer.commit()
     except BaseException:
         writer.abort()
         raise
+    if stats_out is not None:
+        stats_out.update(
+            {"seconds": dict(timer), "peak_mb": peaks, "workers": workers, "links": grouper.links}
+        )
     return manifest
+
+
+class ReportData:
+    """What the report needs beyond the manifest, gathered while records stream past."""
+
+    def __init__(self) -> None:
+        self.dup_clusters: Counter[str] = Counter()  # kept id → how many duplicates it absorbed
+        self.group_sizes: Counter[int] = Counter()
+        self.lengths: dict[str, list[tuple[int, int]]] = defaultdict(list)  # task → (prompt, answer) words
+        self.instructions: list[str] = []  # first 20k instructions, for the diversity view
+        self.train_before: Counter[str] = Counter()
+
+
+def _finish(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats: dict[str, ReadStats],
+            writer: Writer, entries: list, grouper: Any, report: ReportData) -> dict[str, Any]:  # fmt: skip
+    """Split → balance → write with train-only augmentation (each derived record checked against held-out ones)."""
+    from training.data.dedup import compute_keys
+    from training.data.split import assign_splits, derive, over_cap
+
+    root_of = {e.id: grouper.find(e.id) for e in entries}
+    split, moved = assign_splits(entries, root_of, cfg.split, cfg.seed)
+    report.group_sizes = Counter(Counter(root_of.values()).values())
+    held_out = {i for i, s in split.items() if s != "train"}
+    train_entries = [e for e in entries if split[e.id] == "train"]
+    report.train_before = Counter(e.task for e in train_entries)
+    dropped = over_cap(train_entries, cfg.balance.max_per_task, cfg.seed)
+    with open(writer.path("kept.spool"), "rb") as f:
+        for line in f:
+            record = msgspec.json.decode(line, type=Record)
+            name = record.meta["source_name"]
+            if record.id in dropped:
+                reason = f"over max_per_task={cfg.balance.max_per_task} for task '{record.task}'"
+                counts.reject(Rejection(record.id, name, record.source, "balance", reason, record))
+                writer.write(
+                    "rejected.jsonl", Rejection(record.id, name, record.source, "balance", reason, record)
+                )
+                continue
+            s = split[record.id]
+            record.meta["split"] = s
+            if record.id in moved:
+                record.meta["split_pinned"] = moved[record.id]  # its cluster holds a held-out record
+            writer.write(f"{s}.jsonl", record)
+            counts.kept(record, s)
+            _observe(report, record)
+            if s != "train":
+                continue
+            for d in derive(record, cfg.augment, cfg.seed):
+                keys = compute_keys(d, cfg.dedup, cfg.split, False)
+                if grouper.similar_to_any(keys, held_out) is not None:
+                    counts.derived_leak += 1
+                    continue
+                writer.write("train.jsonl", d)
+                counts.derived(d)
+    os.remove(writer.path("kept.spool"))
+    writer.touch("rejected.jsonl", "duplicates.jsonl", "train.jsonl", "val.jsonl", "test.jsonl")
+    counts.moved = len(moved)
+    manifest = _manifest(cfg, specs, counts, stats, grouper)
+    (writer.path("manifest.json")).write_text(
+        json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    )
+    return manifest
+
+
+def _observe(report: ReportData, record: Record) -> None:
+    from training.data.record import instruction_text, response_text, user_text
+
+    report.lengths[record.task].append((len(tokens(user_text(record))), len(tokens(response_text(record)))))
+    if len(report.instructions) < 20_000 and record.kind == "chat":
+        report.instructions.append(instruction_text(record)[:300])
 
 
 class Counters:
@@ -281,99 +422,103 @@ class Counters:
         self.by_source = {s.name: Counter() for s in specs}
         self.rejected_by_stage: Counter[str] = Counter()
         self.rejected_by_reason: Counter[str] = Counter()
-        self.by_task: Counter[str] = Counter()
-        self.by_split: Counter[str] = Counter()
+        self.duplicates_by_method: Counter[str] = Counter()
+        self.by_task_split: dict[str, Counter[str]] = defaultdict(Counter)
+        self.derived_by: Counter[str] = Counter()
+        self.derived_by_task: Counter[str] = Counter()
         self.task_from: Counter[str] = Counter()
-        self.train_by_task: Counter[str] = Counter()
+        self.derived_leak = 0
+        self.moved = 0
         self.inputs = 0
 
     def reject(self, rej: Rejection) -> None:
-        self.inputs += 1
+        if rej.stage != "balance":  # a balance rejection was already counted as an input when it was read
+            self.inputs += 1
         self.rejected_by_stage[rej.stage] += 1
-        # Reasons are grouped by their head ("messages[2] (user): empty content" → "empty content").
         self.rejected_by_reason[f"{rej.stage}: {reason_kind(rej.reason)}"] += 1
         self.by_source[rej.source_name]["rejected"] += 1
 
-    def keep_read(self, record: Record) -> None:
-        self.inputs += 1
-        self.by_source[record.meta["source_name"]]["passed_per_record_stages"] += 1
+    def duplicate(self, record: Record, method: str) -> None:
+        self.duplicates_by_method[method] += 1
+        self.by_source[record.meta["source_name"]]["duplicates"] += 1
+
+    def kept(self, record: Record, split: str) -> None:
+        self.by_source[record.meta["source_name"]]["kept"] += 1
+        self.by_task_split[record.task][split] += 1
         self.task_from[record.meta.get("task_from", "rule")] += 1
+
+    def derived(self, record: Record) -> None:
+        self.derived_by[record.meta["augmentation"]] += 1
+        self.derived_by_task[record.task] += 1
 
 
 def reason_kind(reason: str) -> str:
+    """Reasons grouped by their kind: numbers and quoted names masked ("messages[2] (user): empty content")."""
     import re
 
-    head = (
-        reason.split(":")[-1].strip()
-        if reason.startswith(("messages[", "source side", "target side"))
-        else reason
-    )
-    head = re.sub(r"\d+", "N", head)
+    head = re.sub(r"\d+(?:\.\d+)?", "N", reason)
     head = re.sub(r"'[^']*'", "'…'", head)
-    return head[:80]
-
-
-def _write_splits(writer: Writer, counts: Counters) -> dict[str, int]:
-    """Part 1: a record's own meta.split, else train."""
-    split_counts: Counter[str] = Counter()
-    with open(writer.path("kept.spool"), "rb") as f:
-        for line in f:
-            record = msgspec.json.decode(line, type=Record)
-            split = record.meta.get("split") or "train"
-            record.meta["split"] = split
-            writer.write(f"{split}.jsonl", record)
-            split_counts[split] += 1
-            counts.by_task[record.task] += 1
-            if split == "train":
-                counts.train_by_task[record.task] += 1
-            counts.by_source[record.meta["source_name"]]["kept"] += 1
-    counts.by_split = split_counts
-    return dict(split_counts)
+    head = re.sub(r"`[^`]*`", "`…`", head) if "missing required field" not in head else head
+    return head[:90]
 
 
 def _manifest(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats: dict[str, ReadStats],
-              splits: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+              grouper: Any) -> dict[str, Any]:  # fmt: skip
     from training.data.mixing import mixing_weights
 
-    kept = sum(splits.values())
-    rejected = sum(counts.rejected_by_stage.values())
-    duplicates = 0
+    by_split: Counter[str] = Counter()
+    for per in counts.by_task_split.values():
+        by_split.update(per)
+    kept = sum(by_split.values())
     by_source = {}
     for s in specs:
         c = counts.by_source[s.name]
         by_source[s.name] = {
             "reader": s.reader,
-            "inputs": c["passed_per_record_stages"] + c["rejected"],
+            "inputs": c["kept"] + c["rejected"] + c["duplicates"],
             "kept": c["kept"],
             "rejected": c["rejected"],
             "duplicates": c["duplicates"],
             "skipped_blank_lines": stats[s.name].blank_lines,
             "skipped_headers": stats[s.name].headers,
         }
+    train = Counter({t: per["train"] for t, per in counts.by_task_split.items() if per["train"]})
+    train.update(counts.derived_by_task)
+    derived = sum(counts.derived_by.values())
     return {
         "name": cfg.name,
         "config_hash": config_hash(cfg),
-        "config": msgspec.to_builtins(cfg),
+        "config": config_data(cfg),
         "input_files": {name: file_sha256(p) for s in specs for name, p in input_files(s)},
         "counts": {
             "inputs": counts.inputs,
             "kept": kept,
-            "rejected": rejected,
-            "duplicates": duplicates,
-            "derived": 0,
+            "rejected": sum(counts.rejected_by_stage.values()),
+            "duplicates": sum(counts.duplicates_by_method.values()),
+            "derived": derived,
             "by_stage": {
-                stage: counts.rejected_by_stage.get(stage, 0) for stage in ("read", "normalize", "validate")
+                "rejected": {
+                    st: counts.rejected_by_stage.get(st, 0)
+                    for st in ("read", "validate", "filter", "balance")
+                },
+                "duplicates": dict(sorted(counts.duplicates_by_method.items())),
+                "split": {"clusters_linked": grouper.links, "moved_by_cluster": counts.moved},
+                "augment": {
+                    "derived": dict(sorted(counts.derived_by.items())),
+                    "dropped_similar_to_held_out": counts.derived_leak,
+                },
             },
             "rejected_by_reason": dict(sorted(counts.rejected_by_reason.items())),
             "by_source": by_source,
-            "by_task": dict(sorted(counts.by_task.items())),
-            "by_split": dict(sorted(splits.items())),
+            "by_task": {t: dict(sorted(per.items())) for t, per in sorted(counts.by_task_split.items())},
+            "by_split": dict(sorted(by_split.items())),
+            "train_by_task_with_derived": dict(sorted(train.items())),
             "task_labels_from": dict(sorted(counts.task_from.items())),
         },
         # An all-rejected build is still a valid report of why; it just has nothing to mix.
         "mixing": {
-            "weights": mixing_weights(counts.train_by_task) if counts.train_by_task else {},
-            "cap": 0,
-            "temperature": 1.0,
+            "weights": mixing_weights(train, cfg.balance.cap, cfg.balance.temperature) if train else {},
+            "cap": cfg.balance.cap,
+            "temperature": cfg.balance.temperature,
         },
     }

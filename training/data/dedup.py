@@ -1,0 +1,266 @@
+"""Deduplication and similarity grouping (the main process's indexes; signatures come from the workers).
+
+Dedup, in order: exact (hash of the normalized content), near-duplicate (MinHash LSH over word 5-grams,
+Jaccard ≥ 0.7, datatrove's setting), and, for sources that ask for it, the Self-Instruct rule (ROUGE-L > 0.7
+between instructions) with its own unigram MinHash index, because "a poem about cats" and "a poem about dogs"
+share no 5-gram.
+
+Content, not templates: a templated prompt is compared by its data fields (`record.prompt_content`), and prompt
+and answer are compared separately, so the seed FAQ's held-out paraphrases (same answer, different question)
+are not duplicates of the question they paraphrase, and two translation requests are not similar because they
+share "Translate the following English text into German".
+
+Grouping for the split is looser (any of: character 3-gram Jaccard ≥ 0.5, word 3-gram Jaccard ≥ 0.5,
+ROUGE-L ≥ 0.7 between segments) and links records into clusters that must land in one split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import msgspec
+
+from training.data.record import Record, instruction_text, prompt_content, response_text
+from training.data.similarity import (
+    char_ngrams,
+    estimate,
+    jaccard,
+    lean,
+    rouge_l,
+    signature,
+    tokens,
+    word_ngrams,
+)
+
+
+class DedupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    exact: bool = True
+    near: bool = True
+    near_threshold: float = 0.7  # datatrove / "Deduplicating training data" (Lee et al. 2022)
+    ngram: int = 5
+    num_perm: int = 128
+    instruction_rouge_l: float = 0.7  # Self-Instruct: keep an instruction only if ROUGE-L < 0.7 with all kept
+    instruction_candidates: float = 0.5  # unigram-Jaccard LSH threshold that proposes pairs for ROUGE-L
+
+
+class SplitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    link_char3: float = 0.5  # character 3-gram Jaccard
+    link_word3: float = 0.5  # word 3-gram Jaccard (the issue's "looser than dedup" grouping)
+    link_rouge_l: float = 0.7  # the Self-Instruct similarity
+    num_perm: int = 126  # candidate generation only (42 bands x 3 rows); every link is verified on the texts
+    max_segment_chars: int = 600  # segments are compared on their first 600 characters
+
+
+class Keys(msgspec.Struct, array_like=True):
+    """What the global stages need from one record, computed in the worker."""
+
+    exact: str
+    prompt_sig: bytes
+    response_sig: bytes
+    instruction: str | None  # set only for sources under the Self-Instruct rule
+    instruction_sig: bytes | None
+    segments: list[str]
+    seg_char_sigs: list[bytes]
+    seg_word_sigs: list[bytes]
+
+
+def segments_of(record: Record, max_chars: int) -> list[str]:
+    """Texts a train/test leak is judged on: the prompt's data, and for translation also the answer (a pair
+    seen in one direction leaks the other direction)."""
+    segs = [prompt_content(record)[:max_chars]]
+    if record.task == "translation":
+        segs.append(response_text(record)[:max_chars])
+    return [s for s in segs if s.strip()]
+
+
+def compute_keys(record: Record, dedup: DedupConfig, split: SplitConfig, instruction_dedup: bool) -> Keys:
+    prompt, response = prompt_content(record), response_text(record)
+    p_toks, r_toks = tokens(prompt), tokens(response)
+    exact = hashlib.blake2b(
+        (" ".join(p_toks) + "\x00" + " ".join(r_toks)).encode(), digest_size=12
+    ).hexdigest()
+    instr = instr_sig = None
+    if instruction_dedup:
+        instr = instruction_text(record)
+        instr_sig = signature(set(tokens(instr)), dedup.num_perm)
+    segs = segments_of(record, split.max_segment_chars)
+    return Keys(
+        exact=exact,
+        prompt_sig=signature(word_ngrams(p_toks, dedup.ngram), dedup.num_perm),
+        response_sig=signature(word_ngrams(r_toks, dedup.ngram), dedup.num_perm),
+        instruction=instr,
+        instruction_sig=instr_sig,
+        segments=segs,
+        seg_char_sigs=[signature(char_ngrams(s, 3), split.num_perm) for s in segs],
+        seg_word_sigs=[signature(set(tokens(s)), split.num_perm) for s in segs],
+    )
+
+
+class Deduper:
+    """Streaming dedup: `check` returns (duplicate_of, method, score) or None and indexes what it keeps."""
+
+    def __init__(self, cfg: DedupConfig):
+        from datasketch import MinHashLSH
+
+        self.cfg = cfg
+        self.exact: dict[str, str] = {}
+        self.near = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
+        self.response_sigs: dict[str, bytes] = {}
+        self.prompt_sigs: dict[str, bytes] = {}
+        self.instr = MinHashLSH(threshold=cfg.instruction_candidates, num_perm=cfg.num_perm)
+        self.instr_text: dict[str, str] = {}
+        self.order: dict[str, int] = {}
+
+    def check(self, rid: str, keys: Keys) -> tuple[str, str, float] | None:
+        c = self.cfg
+        if c.exact and keys.exact in self.exact:
+            return self.exact[keys.exact], "exact", 1.0
+        if c.near:
+            cands = self.near.query(lean(keys.prompt_sig))
+            best = None
+            for cand in sorted(cands, key=self.order.__getitem__):
+                jp = estimate(keys.prompt_sig, self.prompt_sigs[cand])
+                jr = estimate(keys.response_sig, self.response_sigs[cand])
+                if (
+                    jp >= c.near_threshold
+                    and jr >= c.near_threshold
+                    and (best is None or min(jp, jr) > best[2])
+                ):
+                    best = (cand, "near_minhash", round(min(jp, jr), 4))
+            if best:
+                return best
+        if keys.instruction is not None and keys.instruction_sig is not None:
+            for cand in sorted(self.instr.query(lean(keys.instruction_sig)), key=self.order.__getitem__):
+                score = rouge_l(keys.instruction, self.instr_text[cand])
+                if score > c.instruction_rouge_l:
+                    return cand, "instruction_rouge_l", round(score, 4)
+        self._insert(rid, keys)
+        return None
+
+    def _insert(self, rid: str, keys: Keys) -> None:
+        self.order[rid] = len(self.order)
+        if self.cfg.exact:
+            self.exact[keys.exact] = rid
+        if self.cfg.near:
+            self.near.insert(rid, lean(keys.prompt_sig))
+            self.prompt_sigs[rid] = keys.prompt_sig
+            self.response_sigs[rid] = keys.response_sig
+        if keys.instruction is not None and keys.instruction_sig is not None:
+            self.instr.insert(rid, lean(keys.instruction_sig))
+            self.instr_text[rid] = keys.instruction
+
+
+class Features:
+    """A segment's shingles, computed once per comparison side."""
+
+    __slots__ = ("bag", "char3", "text", "toks", "word3")
+
+    def __init__(self, text: str):
+        self.text = text
+        self.char3 = char_ngrams(text, 3)
+        self.toks = tokens(text)
+        self.word3 = word_ngrams(self.toks, 3)
+        self.bag = Counter(self.toks)
+
+
+def similar(a: Features, b: Features, cfg: SplitConfig) -> float | None:
+    """The first link measure between two segments that crosses its threshold, else None."""
+    jc = jaccard(a.char3, b.char3)
+    if jc >= cfg.link_char3:
+        return jc
+    jw = jaccard(a.word3, b.word3)
+    if jw >= cfg.link_word3:
+        return jw
+    if a.toks and b.toks:
+        # LCS <= the multiset overlap, so this F1 bounds ROUGE-L from above: most pairs stop here.
+        bound = 2 * sum((a.bag & b.bag).values()) / (len(a.toks) + len(b.toks))
+        if bound >= cfg.link_rouge_l:
+            rl = rouge_l(a.text, b.text)
+            if rl >= cfg.link_rouge_l:
+                return rl
+    return None
+
+
+class Grouper:
+    """Union-find over records whose segments are similar; candidates from two LSH indexes (character
+    3-grams at a lower threshold than the link, word unigrams for ROUGE-L), every link verified on the texts."""
+
+    def __init__(self, cfg: SplitConfig):
+        from datasketch import MinHashLSH
+
+        self.cfg = cfg
+        # 42 bands of 3 rows: a pair at Jaccard 0.5 becomes a candidate with probability 1 - (1 - 0.5^3)^42 =
+        # 0.996 (0.3: 0.68, 0.1: 0.04); candidates are then verified on the texts, so recall is what matters.
+        bands = cfg.num_perm // 3
+        self.by_char = MinHashLSH(num_perm=cfg.num_perm, params=(bands, 3))
+        self.by_word = MinHashLSH(num_perm=cfg.num_perm, params=(bands, 3))
+        self.segments: dict[str, list[str]] = {}
+        self.sigs: dict[str, list[tuple[bytes, bytes]]] = {}
+        self.parent: dict[str, str] = {}
+        self.order: dict[str, int] = {}
+        self.links = 0
+
+    def find(self, x: str) -> str:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # The earlier record is the root, so cluster names do not depend on arrival of later ones.
+            if self.order[ra] > self.order[rb]:
+                ra, rb = rb, ra
+            self.parent[rb] = ra
+
+    def candidates(self, keys: Keys) -> set[str]:
+        found: set[str] = set()
+        for cs, ws in zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True):
+            found.update(k.split("#", 1)[0] for k in self.by_char.query(lean(cs)))
+            found.update(k.split("#", 1)[0] for k in self.by_word.query(lean(ws)))
+        return found
+
+    def plausible(self, keys: Keys, other: str) -> bool:
+        """MinHash estimates say a link is possible: 0.2 below the character threshold and 0.35 below the ROUGE-L
+        one (ROUGE-L 0.7 needs most words shared) are over 4 standard errors (0.045 at 126 permutations)."""
+        char_floor = self.cfg.link_char3 - 0.2
+        word_floor = self.cfg.link_rouge_l - 0.35
+        for cs, ws in zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True):
+            for ocs, ows in self.sigs[other]:
+                if estimate(cs, ocs) >= char_floor or estimate(ws, ows) >= word_floor:
+                    return True
+        return False
+
+    def linked(self, feats: list[Features], other: str) -> bool:
+        return any(similar(a, Features(b), self.cfg) is not None for b in self.segments[other] for a in feats)
+
+    def add(self, rid: str, keys: Keys) -> None:
+        self.order[rid] = len(self.order)
+        self.parent[rid] = rid
+        feats: list[Features] | None = None
+        for cand in sorted(self.candidates(keys), key=self.order.__getitem__):
+            if self.find(cand) == self.find(rid) or not self.plausible(keys, cand):
+                continue
+            feats = feats or [Features(t) for t in keys.segments]
+            if self.linked(feats, cand):
+                self.union(rid, cand)
+                self.links += 1
+        self.segments[rid] = keys.segments
+        self.sigs[rid] = list(zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True))
+        for i, (cs, ws) in enumerate(zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True)):
+            self.by_char.insert(f"{rid}#{i}", lean(cs))
+            self.by_word.insert(f"{rid}#{i}", lean(ws))
+
+    def similar_to_any(self, keys: Keys, among: set[str]) -> str | None:
+        """The first record of `among` that these segments are similar to (the augmentation leak guard)."""
+        feats = [Features(t) for t in keys.segments]
+        for cand in sorted(self.candidates(keys) & among, key=self.order.__getitem__):
+            if self.plausible(keys, cand) and self.linked(feats, cand):
+                return cand
+        return None
