@@ -290,22 +290,23 @@ def runner_greedy(
     return out
 
 
-def torch_greedy(model, prompts) -> list[list[int]]:
+def torch_greedy(model, prompts, n: int) -> list[list[int]]:
     from model.generate import generate
     from model.sampling import GREEDY
 
-    return [g.tokens for g in generate(model, prompts, GREEDY_TOKENS, GREEDY, stop_ids=())]
+    return [g.tokens for g in generate(model, prompts, n, GREEDY, stop_ids=())]
 
 
 def greedy_parity(ref: list[list[int]], runner: OnnxRunner, prompts) -> dict[str, Any]:
     """`ref`: torch_greedy's tokens for the same prompts (computed once for every file checked)."""
-    got = runner_greedy(runner, prompts, GREEDY_TOKENS)
+    n = len(ref[0])
+    got = runner_greedy(runner, prompts, n)
     matching = []
     for r, g in zip(ref, got, strict=True):
         n = next((i for i, (a, b) in enumerate(zip(r, g, strict=True)) if a != b), len(r))
         matching.append(n)
     return {
-        "greedy_tokens": GREEDY_TOKENS,
+        "greedy_tokens": n,
         "greedy_matching_prefix": matching,
         "greedy_identical": got == ref,
     }
@@ -486,7 +487,7 @@ def export_bundle(
     val_data: str | Path | None = None,
     threads: int = 1,
     parity_slots: int = 4,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write a complete bundle to `out` (built in a sibling temp dir, renamed into place) and return its report."""
     import onnxruntime as ort
@@ -499,7 +500,13 @@ def export_bundle(
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: only 'int8' is supported")
     _check_out(out, force)
-    say = progress or (lambda msg: None)
+    # One call per stage, with the number of stages, so a caller can draw a bar with an ETA.
+    total = 6 + (3 if quantize == "int8" else 0) + (1 if val_data and quantize != "int8" else 0)
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(msg, total)
+
     torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint)
     missing = [n for n in ("tokenizer.json", "tokenizer_config.json") if not (checkpoint / n).is_file()]
@@ -569,19 +576,24 @@ def export_bundle(
         # Parity for every file the service may run; the exported (unoptimized) graph is checked too, so a
         # difference is traced to the exporter or to the optimizer.
         prompts = parity_prompts(cfg, tokenizer)
-        max_len = min(
-            cfg.max_position_embeddings, max(len(p) for p in prompts) + GREEDY_TOKENS + DECODE_STEPS
-        )
-        max_len = max(max_len, min(cfg.max_position_embeddings, 256))
-        say("measuring parity with PyTorch")
+        longest = max(len(p) for p in prompts)
+        # 64 greedy tokens unless the context window is shorter (a tiny config): then as many as fit.
+        n_greedy = min(GREEDY_TOKENS, cfg.max_position_embeddings - longest)
+        if n_greedy < DECODE_STEPS:
+            raise ExportError(
+                f"{checkpoint}: max_position_embeddings {cfg.max_position_embeddings} leaves no room for the "
+                f"parity check ({longest} prompt + {DECODE_STEPS} decode positions)"
+            )
+        max_len = min(cfg.max_position_embeddings, max(256, longest + n_greedy))
         raw_entry = _file_entry(raw, "served", "fp32")
         report["files"]["served.raw.onnx"] = raw_entry  # so open_bundle accepts it for the check below
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         runners = {}
-        greedy_ref = torch_greedy(model, prompts)
+        greedy_ref = torch_greedy(model, prompts, n_greedy)
         for name in ("served.raw.onnx", SERVED, SERVED_INT8):
             if name not in report["files"]:
                 continue
+            say(f"parity of {'the traced graph' if name.endswith('raw.onnx') else name} with PyTorch")
             runner = OnnxRunner(
                 tmp, parity_slots, max_len, model_file=name, threads=threads, verify_hash=False
             )
@@ -592,6 +604,7 @@ def export_bundle(
             if fp32:
                 parity["passed"] = _within(parity, FP32_TOL) and parity["greedy_identical"]
             report["files"][name]["parity"] = parity
+        say(f"parity of {OPTIMUM} with PyTorch")
         report["files"][OPTIMUM]["parity"] = op = optimum_parity(model, tmp / OPTIMUM, prompts, threads)
         op["passed"] = _within(op, FP32_TOL)
         report["exported_graph_parity"] = report["files"].pop("served.raw.onnx")["parity"]
@@ -623,6 +636,7 @@ def export_bundle(
                 int8["perplexity"] = "not measured: no --val-data given"
             report["int8"] = int8
         elif val_seqs:
+            say("validation perplexity")
             report["perplexity_fp32"] = runner_perplexity(runners[SERVED], val_seqs)
         report["timings"] = timings
         report["passed"] = all(f["parity"].get("passed", True) for f in report["files"].values())

@@ -52,20 +52,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     import sys
 
+    from tqdm import tqdm
+
     from export.onnx_export import export_bundle
 
-    def say(msg: str) -> None:
-        print(f"export onnx: {msg}", file=sys.stderr, flush=True)
+    bar = None
 
-    report = export_bundle(
-        args.checkpoint,
-        args.out,
-        force=args.force,
-        quantize=args.quantize,
-        val_data=args.val_data,
-        threads=args.threads,
-        progress=say,
-    )
+    def say(msg: str, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="export onnx", unit="stage", file=sys.stderr)
+        else:
+            bar.update(1)
+        bar.set_postfix_str(msg)
+
+    try:
+        report = export_bundle(
+            args.checkpoint,
+            args.out,
+            force=args.force,
+            quantize=args.quantize,
+            val_data=args.val_data,
+            threads=args.threads,
+            progress=say,
+        )
+    finally:
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+            bar.close()
     for name, entry in report["files"].items():
         p = entry["parity"]
         worst = max(v for k, v in p.items() if k.endswith("_max_abs"))
