@@ -76,8 +76,11 @@ LABEL org.opencontainers.image.title="instructlm" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.instructlm.target="${TARGET}"
 COPY --from=build /opt/venv /opt/venv
-# Training configs for the torchrun Job (relative paths resolve under /app; runs/ is a volume there).
+# Training configs for the torchrun Job (relative paths resolve under /app; runs/ is a volume there), and the
+# customer-service endpoint's default knowledge base and intent labels (service/tasks/settings.py, relative to
+# /app); a deployment points `[tasks.customer_service]` at its own (the chart's server.settingsToml).
 COPY configs /app/configs
+COPY data/seed/faq.jsonl data/seed/intent_labels.jsonl /app/data/seed/
 # Root-owned: read-only for the server user.
 COPY --from=bundle /models /models
 ENV PATH=/opt/venv/bin:$PATH \

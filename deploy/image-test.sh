@@ -89,6 +89,8 @@ cleanup() {
   buildah "${STORAGE[@]}" rm "$ctr" >/dev/null 2>&1 || true
   # IMAGE_TEST_KEEP=1 keeps the image for another run with IMAGE_TEST_REUSE=1.
   [ -n "${IMAGE_TEST_KEEP:-}" ] || buildah "${STORAGE[@]}" rmi "$IMAGE" >/dev/null 2>&1 || true
+  # Stages of failed builds linger as untagged images, each a full vfs copy (~500 MB).
+  buildah "${STORAGE[@]}" rmi --prune >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 buildah "${STORAGE[@]}" inspect --type image "$IMAGE" >"$WORK/inspect.json"

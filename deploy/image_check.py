@@ -134,8 +134,32 @@ def main() -> int:
         done = subprocess.run(command, env=env, timeout=30)
         check(done.returncode == 0, f"the image's HEALTHCHECK exits 0 ({' '.join(command)[:60]}...)")
 
-        server.send_signal(signal.SIGTERM)
-        t1 = time.monotonic()
+        # SIGTERM with a stream open: the stream still ends with [DONE], then the process exits 0.
+        req = urllib.request.Request(
+            f"{base}/v1/completions",
+            data=json.dumps(
+                {
+                    "model": models[0] if models else "",
+                    "prompt": "Once upon a time",
+                    "max_tokens": 200,
+                    "temperature": 0,
+                    "stream": True,
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        events = []
+        with urllib.request.urlopen(req, timeout=60) as stream:
+            first = stream.readline()
+            server.send_signal(signal.SIGTERM)
+            t1 = time.monotonic()
+            events = [first, *stream.read().splitlines()]
+        data = [e for e in events if e.startswith(b"data: ")]
+        check(
+            bool(data) and data[-1] == b"data: [DONE]",
+            f"a stream open at SIGTERM completes: {len(data) - 1} chunks, then [DONE]",
+        )
         try:
             code = server.wait(timeout=args.drain_timeout + 10)
         except subprocess.TimeoutExpired:

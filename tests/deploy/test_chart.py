@@ -127,7 +127,9 @@ def server_pod(out: Rendered) -> dict:
 
 
 def env_of(out: Rendered) -> dict[str, str]:
-    return out.one("ConfigMap")["data"]
+    """The ConfigMap read with envFrom (the settings file, when there is one, has its own)."""
+    (env,) = [c for c in out.of_kind("ConfigMap") if not c["metadata"]["name"].endswith("-settings")]
+    return env["data"]
 
 
 @pytest.mark.parametrize("name", ["default", *sorted(OPTIONS)])
@@ -229,7 +231,7 @@ def test_api_keys_come_from_a_secret(rendered, helm):
     assert by_name["TZ"] == {"name": "TZ", "value": "UTC"}
     assert env_of(out)["INSTRUCTLM_MAX_NUM_SEQS"] == "16"
     # The key never lands in the ConfigMap.
-    assert "sk-test" not in yaml.safe_dump(out.one("ConfigMap"))
+    assert "sk-test" not in yaml.safe_dump(out.of_kind("ConfigMap"))
 
     existing = rendered["api-keys-existing-secret"]
     assert existing.of_kind("Secret") == []
@@ -345,14 +347,15 @@ def deep_merge(base: dict, override: dict) -> dict:
     return base
 
 
-@pytest.mark.parametrize("name", ["default", "api-keys", "long-drain"])
+@pytest.mark.parametrize("name", ["default", "api-keys", "long-drain", "settings-file"])
 def test_configmap_settings_are_the_service_settings(rendered, name):
     """Every INSTRUCTLM_* variable the chart sets is a field of service.settings.Settings (the service ignores
     unknown names, so a rename there would silently drop a setting here), and the values load."""
     from service.settings import Settings, from_env, load_settings
 
     out = rendered[name]
-    env = {k: v for k, v in env_of(out).items() if k.startswith("INSTRUCTLM_")}
+    # INSTRUCTLM_SETTINGS names the settings file (tested below), the rest are fields.
+    env = {k: v for k, v in env_of(out).items() if k.startswith("INSTRUCTLM_") and k != "INSTRUCTLM_SETTINGS"}
     (server,) = [c for c in server_pod(out)["containers"] if c["name"] == "server"]
     for entry in server.get("env", []):
         if entry["name"].startswith("INSTRUCTLM_"):
@@ -367,3 +370,31 @@ def test_configmap_settings_are_the_service_settings(rendered, name):
     assert settings.drain_timeout_s == float(env["INSTRUCTLM_DRAIN_TIMEOUT_S"])
     if "INSTRUCTLM_API_KEYS" in env:
         assert settings.api_keys == ["sk-from-a-secret-0123456789"]
+
+
+def test_settings_file_is_mounted_and_loads(rendered, tmp_path):
+    """server.settingsToml: a ConfigMap file at the path INSTRUCTLM_SETTINGS names, which the service loads with
+    the environment on top; the user's knowledge-base volume is mounted where the file says."""
+    from service.settings import load_settings
+
+    out = rendered["settings-file"]
+    env = env_of(out)
+    (files,) = [c for c in out.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-settings")]
+    pod = server_pod(out)
+    (server,) = pod["containers"]
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["settings"]["configMap"]["name"] == files["metadata"]["name"]
+    assert env["INSTRUCTLM_SETTINGS"] == mounts["settings"]["mountPath"] + "/serve.toml"
+    assert mounts["knowledge-base"]["mountPath"] == "/etc/instructlm-kb"
+    assert volumes["knowledge-base"]["configMap"]["name"] == "kestrel-faq"
+
+    path = tmp_path / "serve.toml"
+    path.write_text(files["data"]["serve.toml"])
+    environ = {k: v for k, v in env.items() if k.startswith("INSTRUCTLM_") and k != "INSTRUCTLM_SETTINGS"}
+    settings = load_settings(path, environ=environ)
+    assert settings.max_num_seqs == 8 and settings.max_waiting == 32
+    assert settings.tasks.customer_service.knowledge_base == "/etc/instructlm-kb/faq.jsonl"
+    assert settings.tasks.customer_service.top_k == 5
+    assert settings.model == env["INSTRUCTLM_MODEL"]
+    assert "settings" not in {v["name"] for v in server_pod(rendered["default"])["volumes"]}

@@ -122,7 +122,7 @@ def test_dockerignore_keeps_the_context_small_but_lets_bundles_in():
         for ln in (ROOT / ".dockerignore").read_text().splitlines()
         if ln.strip()[:1] not in ("", "#")
     ]
-    for heavy in (".git", ".venv", ".tools", "runs/**", "tests", "data"):
+    for heavy in (".git", ".venv", ".tools", "runs/**", "tests", "data/**"):
         assert heavy in lines, heavy
     assert "!runs/*/bundle/**" in lines and "!deploy/empty-bundle/**" in lines
     # Every path the Dockerfile copies from the context exists and is not ignored.
@@ -132,3 +132,24 @@ def test_dockerignore_keeps_the_context_small_but_lets_bundles_in():
             continue
         assert (ROOT / src).exists(), src
         assert src not in lines, f"{src} is copied but ignored"
+
+
+def test_image_ships_the_task_endpoints_default_data():
+    """The customer-service endpoint loads its knowledge base and intent labels at start (relative to the working
+    directory, /app): the image must carry the defaults, or the server refuses to start."""
+    from service.tasks.settings import CustomerServiceSettings
+
+    steps = instructions()
+    runtime = steps[max(i for i, (w, a) in enumerate(steps) if w == "FROM") :]
+    (workdir,) = [a for w, a in runtime if w == "WORKDIR"]
+    shipped = set()
+    for word, args in runtime:
+        if word == "COPY" and not args.startswith("--from"):
+            *sources, dest = args.split()
+            shipped |= {f"{dest.rstrip('/')}/{src.rsplit('/', 1)[-1]}" for src in sources}
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    defaults = CustomerServiceSettings()
+    for relative in (defaults.knowledge_base, defaults.intent_labels):
+        assert f"{workdir}/{relative}" in shipped, f"{relative} is not copied to {workdir}"
+        assert f"!{relative}" in lines, f"{relative} is excluded from the build context"
+        assert (ROOT / relative).is_file()
