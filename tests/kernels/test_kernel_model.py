@@ -125,7 +125,7 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
     assert "q is on cpu: the Triton kernels need CUDA tensors" in out.stdout
 
 
-def _compile_check(*args: str) -> subprocess.CompletedProcess:
+def _compile_check(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "kernel_compile_check.py")
     return subprocess.run(
@@ -142,6 +142,6 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 @pytest.mark.slow
 def test_every_config_compiles_for_ampere_and_hopper():
-    out = _compile_check("--full")
+    out = _compile_check("--full", timeout=3600)  # about 180 compiles, 2-10 s each
     assert out.returncode == 0, out.stdout + out.stderr
     assert "FAIL" not in out.stdout
