@@ -170,7 +170,8 @@ class _AddRMSNorm(torch.autograd.Function):
 def add_rmsnorm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): h = x + residual (x itself when residual is None), y = rmsnorm(h) * weight, both in x's dtype.
+    """(y, h): h = x + residual (x itself when residual is None), y = rmsnorm(h) * weight, both in the wider of
+    x's and residual's dtypes.
 
     x/residual [..., N], weight [N]. Differentiable in x, residual and weight.
     """
@@ -181,4 +182,7 @@ def add_rmsnorm(
         raise ValueError(f"rmsnorm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
     if residual is None:
         return _AddRMSNorm.apply(x, None, weight.contiguous(), float(eps)), x
-    return _AddRMSNorm.apply(x, residual.to(x.dtype), weight.contiguous(), float(eps))
+    # Under autocast the attention output is bf16 while the residual stream stays fp32: add in the wider dtype,
+    # as the unfused `x + attn` does, so the residual stream never loses precision here.
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return _AddRMSNorm.apply(x.to(dtype), residual.to(dtype), weight.contiguous(), float(eps))

@@ -77,6 +77,20 @@ def test_rotary(dtype, heads, head_dim, device):
     assert_rule("rotary grad", got[1], want64[1], same[1])
 
 
+def test_add_rmsnorm_keeps_a_wider_residual_stream(device):
+    """Autocast: attention output in half precision, residual stream in fp32 -> h and y stay fp32."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 64, generator=gen).to(device)
+    a = torch.randn(5, 64, generator=gen).to(device).half()
+    w = torch.ones(64, device=device)
+    y, h = add_rmsnorm(a, w, 1e-5, residual=x)
+    assert h.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(h, x + a.float(), rtol=0, atol=0)
+    want, _ = ref.add_rmsnorm_ref(x.double() + a.double(), w.double(), 1e-5)
+    same, _ = ref.add_rmsnorm_ref(x + a.float(), w, 1e-5)
+    assert_rule("y", y, want, same)
+
+
 def test_norm_and_rotary_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="weight"):
         add_rmsnorm(torch.randn(2, 8), torch.ones(7), 1e-5)
