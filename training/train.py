@@ -577,8 +577,8 @@ def run_stage(
         best_val = float(meta["best_val"])
         if info.is_main:
             log.info("%s: resumed from %s (step %d)", stage, loaded.path, start_step)
-    if cfg.run.compile:
-        wrapped = torch.compile(wrapped)
+    # The compiled module runs the steps; state dicts are taken from `wrapped` (compile prefixes names).
+    fwd = torch.compile(wrapped) if cfg.run.compile else wrapped
 
     metrics = MetricsLog(stage_dir / "metrics.jsonl", start_step, cfg.run.tensorboard, info.is_main)
     rows_per_rank = s.batch_size * s.grad_accum
@@ -638,7 +638,7 @@ def run_stage(
             ]
             lr = lr_at(step, s)
             result = train_step(
-                wrapped, optimizer, micro, info, cfg.optim, lr, cfg.run.distributed, autocast_dtype
+                fwd, optimizer, micro, info, cfg.optim, lr, cfg.run.distributed, autocast_dtype
             )
             step += 1
             step_tokens = global_rows * cfg.data.seq_len
@@ -684,7 +684,7 @@ def run_stage(
             )
             last = step == s.steps or out_of_time
             if (s.eval_every and step % s.eval_every == 0) or last:
-                val_loss = evaluate(wrapped, data.val_rows, s.batch_size, device, autocast_dtype)
+                val_loss = evaluate(fwd, data.val_rows, s.batch_size, device, autocast_dtype)
                 record["val_loss"] = val_loss
                 # Rank 0 decides, so every rank joins the same collective save (FSDP gathers).
                 if info.broadcast_object(val_loss < best_val):
@@ -718,7 +718,7 @@ def run_stage(
         metrics.close()
 
     if math.isnan(val_loss):  # resumed from the stage's last checkpoint: the loop had nothing left to run
-        val_loss = evaluate(wrapped, data.val_rows, s.batch_size, device, autocast_dtype)
+        val_loss = evaluate(fwd, data.val_rows, s.batch_size, device, autocast_dtype)
     # The stage's result: an HF checkpoint with the tokenizer, which the next stage (or export) starts from.
     model_sd, _ = D.full_state(wrapped, optimizer)
     if lora is not None:

@@ -193,3 +193,15 @@ def test_configs_shipped_load(tmp_path):
     for name in ("demo", "small"):
         cfg = TR.load_config(Path(__file__).resolve().parents[2] / f"configs/train/{name}.toml")
         assert cfg.stages == ["pretrain", "sft"]
+
+
+@pytest.mark.slow
+def test_compiled_run_writes_plain_checkpoints(tmp_path, train_dataset, tokenizer_dir, torch_threads):
+    """run.compile: inductor on the CPU (about a minute to compile), state dicts still under plain names."""
+    path = write_config(tmp_path / "t.toml", train_dataset, tokenizer_dir, tmp_path / "out", steps=2)
+    path.write_text(path.read_text().replace('stages = ["pretrain", "sft"]', 'stages = ["sft"]'))
+    report = TR.train(TR.load_config(path, {"run.compile": True}))
+    assert math.isfinite(report["stages"][0]["val_loss"])
+    from model.checkpoint import load_checkpoint
+
+    load_checkpoint(tmp_path / "out/checkpoint")  # strict names and shapes
