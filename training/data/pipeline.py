@@ -102,35 +102,35 @@ def process_unit(spec: SourceSpec, unit: Unit, cfg: DataConfig, timer: Counter |
     from training.data.dedup import compute_keys
 
     timer = timer if timer is not None else Counter()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     reader = READERS[spec.reader]
     rid = make_id(spec.name, unit.source.where())
     try:
         draft = reader.convert(unit.payload, spec)
         record = _record_from_draft(draft, unit.source, spec)
     except RecordError as exc:
-        timer["read"] += time.perf_counter() - t0
+        timer["read"] += time.process_time() - t0
         return Outcome(None, Rejection(rid, spec.name, unit.source, "read", str(exc)), None)
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     timer["read"] += t1 - t0
     record = normalize_record(record, spec, cfg)
     task, how = label_task(record, spec.task, draft.task)
     record.task = task  # type: ignore[assignment]
     record.meta["task_from"] = how
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     timer["normalize"] += t2 - t1
     reason = validate(record, cfg.validate.max_chars, cfg.validate.max_turns, cfg.validate.check_language)
-    t3 = time.perf_counter()
+    t3 = time.process_time()
     timer["validate"] += t3 - t2
     if reason:
         return Outcome(None, Rejection(rid, spec.name, unit.source, "validate", reason, record), None)
     reason = _filters(cfg, spec.base_dir).check(record)
-    t4 = time.perf_counter()
+    t4 = time.process_time()
     timer["filter"] += t4 - t3
     if reason:
         return Outcome(None, Rejection(rid, spec.name, unit.source, "filter", reason, record), None)
     keys = compute_keys(record, cfg.dedup, cfg.split, spec.instruction_dedup)
-    timer["signatures"] += time.perf_counter() - t4
+    timer["signatures"] += time.process_time() - t4
     return Outcome(record, None, keys)
 
 
@@ -280,7 +280,7 @@ def _peak_mb() -> float:
 def build(cfg: DataConfig, out_dir: str | Path, config_path: str | Path | None = None, workers: int | None = None,
           progress: bool = True, stats_out: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the whole pipeline; returns the manifest (also written to out_dir/manifest.json). `stats_out`, when
-    given, receives seconds and peak memory per stage (kept out of the manifest so builds stay byte-identical)."""
+    given, receives CPU seconds and peak memory per stage (kept out of the manifest: builds stay byte-identical)."""
     from tqdm import tqdm
 
     from training.data.dedup import Deduper, Grouper
@@ -309,9 +309,9 @@ def build(cfg: DataConfig, out_dir: str | Path, config_path: str | Path | None =
                 record, keys = outcome.record, outcome.keys
                 assert record is not None and keys is not None
                 counts.inputs += 1
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 dup = deduper.check(record.id, keys)
-                t1 = time.perf_counter()
+                t1 = time.process_time()
                 timer["dedup"] += t1 - t0
                 if dup is not None:
                     counts.duplicate(record, dup[1])
@@ -321,20 +321,20 @@ def build(cfg: DataConfig, out_dir: str | Path, config_path: str | Path | None =
                     )
                     continue
                 grouper.add(record.id, keys)
-                timer["group"] += time.perf_counter() - t1
+                timer["group"] += time.process_time() - t1
                 entries.append(Entry(record.id, record.task, record.meta.get("split")))
                 spool.write(ENCODER.encode(record) + b"\n")
         bar.close()
         peaks["stream"] = _peak_mb()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         manifest = _finish(cfg, specs, counts, stats, writer, entries, grouper, report)
-        timer["split+augment+balance+write"] += time.perf_counter() - t0
+        timer["split+augment+balance+write"] += time.process_time() - t0
         peaks["finish"] = _peak_mb()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         from training.data.report import write_report
 
         write_report(writer.tmp, manifest, report, pictures=cfg.pictures)
-        timer["report"] += time.perf_counter() - t0
+        timer["report"] += time.process_time() - t0
         writer.commit()
     except BaseException:
         writer.abort()
@@ -360,7 +360,7 @@ class ReportData:
 def _finish(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats: dict[str, ReadStats],
             writer: Writer, entries: list, grouper: Any, report: ReportData) -> dict[str, Any]:  # fmt: skip
     """Split → balance → write with train-only augmentation (each derived record checked against held-out ones)."""
-    from training.data.dedup import compute_keys
+    from training.data.dedup import segment_keys
     from training.data.split import assign_splits, derive, over_cap
 
     root_of = {e.id: grouper.find(e.id) for e in entries}
@@ -391,8 +391,10 @@ def _finish(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats: d
             if s != "train":
                 continue
             for d in derive(record, cfg.augment, cfg.seed):
-                keys = compute_keys(d, cfg.dedup, cfg.split, False)
-                if grouper.similar_to_any(keys, held_out) is not None:
+                # A rephrasing keeps the content fields, so its segments are its origin's, whose whole cluster is
+                # train; flips and no-input variants change the segments and are checked against held-out ones.
+                guard = d.meta["augmentation"] != "rephrase" and held_out
+                if guard and grouper.similar_to_any(segment_keys(d, cfg.split), held_out) is not None:
                     counts.derived_leak += 1
                     continue
                 writer.write("train.jsonl", d)
