@@ -27,15 +27,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def select_attn_backend(device) -> str:
+# Head dims the attention kernels take: 16 is the smallest tl.dot K, and 256 would overflow sm_80 shared memory.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def select_attn_backend(device, head_dim: int | None = None) -> str:
     """The attention backend the trainer and the torch runner should use on `device`.
 
-    "triton" when the device is CUDA and triton is installed, else "sdpa"; the choice is logged either way so a
-    run's log says which path produced its numbers.
+    "triton" when the device is CUDA, triton is installed and `head_dim` (if given) is one the kernels take,
+    else "sdpa"; the choice is logged either way so a run's log says which path produced its numbers.
     """
     import torch
 
     device = torch.device(device)
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        log.info(
+            "attention backend: sdpa (head_dim %d; the Triton kernels take %s)", head_dim, SUPPORTED_HEAD_DIMS
+        )
+        return "sdpa"
     if device.type == "cuda" and torch.cuda.is_available() and triton_available():
         log.info("attention backend: triton (CUDA device %s, triton installed)", device)
         return "triton"

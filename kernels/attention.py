@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import check_runnable, interpreting
+from kernels import SUPPORTED_HEAD_DIMS, check_runnable, interpreting
 from kernels.reference import segment_bounds
 
 LOG2E = 1.4426950408889634
@@ -398,7 +398,7 @@ _attn_fwd_tuned = triton.autotune(
 # 64 still leaves several tiles (and ragged edges) for the 129- and 300-token test shapes; 64 ran the
 # 300-token forward+backward in 1.1 s where 32 took 3.0 s.
 INTERPRET_BLOCK = 64
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

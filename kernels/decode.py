@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import check_runnable, interpreting
+from kernels import SUPPORTED_HEAD_DIMS, check_runnable, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -188,7 +188,7 @@ def decode_attention(
     check_runnable("q", q)
     b, h, d = q.shape
     kv = k_cache.shape[1]
-    if h % kv or k_cache.shape[-1] != d or d not in (16, 32, 64, 128, 256):
+    if h % kv or k_cache.shape[-1] != d or d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"decode: heads {h} vs KV heads {kv}, head_dim {d} vs cache {k_cache.shape[-1]}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode: q and the caches need a contiguous last (head) dimension")

@@ -88,7 +88,9 @@ def test_chunked_prefill_and_decode_match_sdpa(models, device):
 def test_select_attn_backend_says_which_and_why(caplog):
     with caplog.at_level(logging.INFO, logger="kernels"):
         assert kernels.select_attn_backend("cpu") == "sdpa"
+        assert kernels.select_attn_backend("cuda", head_dim=96) == "sdpa"
     assert "attention backend: sdpa" in caplog.text and "need CUDA" in caplog.text
+    assert "head_dim 96" in caplog.text
     if HAS_CUDA:
         assert kernels.select_attn_backend("cuda") == "triton"
 
