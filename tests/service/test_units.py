@@ -95,6 +95,19 @@ def test_settings_precedence_and_errors(tmp_path):
         Settings(max_num_seqs=0)
     with pytest.raises(ConfigError, match="api_key_file"):
         Settings(api_key_file=str(tmp_path / "missing")).resolved_api_keys()
+    secret = tmp_path / "keys"
+    secret.write_text("# rotated 2026-11\nsk-one\n\n  sk-two  \n")
+    assert Settings(api_keys=["sk-env"], api_key_file=str(secret)).resolved_api_keys() == [
+        "sk-env",
+        "sk-one",
+        "sk-two",
+    ]
+
+
+def test_key_comparison_checks_every_key():
+    from service.api.security import key_matches
+
+    assert key_matches("b", ["a", "b"]) and not key_matches("c", ["a", "b"]) and not key_matches("", ["a"])
 
 
 def test_cli_check_reports_bad_model_path_in_one_line(tmp_path):
