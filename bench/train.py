@@ -88,18 +88,22 @@ def step_fn(kind: str, model, opt, ids, pos, labels, autocast):
     return step
 
 
-def time_steps(step, steps: int, warmup: int, device) -> list[float]:
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
+def time_interleaved(steps: dict, n: int, warmup: int, device) -> dict[str, list[float]]:
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(n):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[k].append(time.perf_counter() - t0)
     return times
 
 
@@ -159,13 +163,13 @@ def main() -> int:
 
             ours.set_attn_backend(select_attn_backend(device))
         ours = ours.to(device).train()
-        results = {}
+        steps = {}
         for kind, model in (("ours", ours), ("transformers", theirs)):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            times = time_steps(
-                step_fn(kind, model, opt, inp, pos, labels, autocast), args.steps, args.warmup, device
-            )
-            results[kind] = args.batch * seq / statistics.median(times)
+            steps[kind] = step_fn(kind, model, opt, inp, pos, labels, autocast)
+        # Interleaved, one step of each in turn, so a busy machine's load drifts hit both alike.
+        times = time_interleaved(steps, args.steps, args.warmup, device)
+        results = {k: args.batch * seq / statistics.median(t) for k, t in times.items()}
         fpt = model_flops_per_token(config, seq)
         mfu = {k: (v * fpt / peak if peak else float("nan")) for k, v in results.items()}
         print(
