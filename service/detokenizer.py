@@ -46,14 +46,16 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buf = self._held + text
-        hit = -1
+        # The stop string completed first wins (earliest end; at a tie the one starting earliest), as if the
+        # text arrived one character at a time. Held text never contains a whole stop string.
+        best: tuple[int, int] | None = None
         for s in self.stops:
             i = buf.find(s)
-            if i >= 0 and (hit < 0 or i < hit):
-                hit = i
-        if hit >= 0:
+            if i >= 0 and (best is None or (i + len(s), i) < best):
+                best = (i + len(s), i)
+        if best is not None:
             self._held = ""
-            return buf[:hit], True
+            return buf[: best[1]], True
         # Hold back the longest tail of buf that is a prefix of some stop string.
         keep = 0
         for s in self.stops:

@@ -54,7 +54,7 @@ def test_unfinished_character_at_the_end_becomes_replacement(tiny_tokenizer):
 )
 @settings(max_examples=200, deadline=None)
 def test_stop_matcher_is_exact_across_any_split(deltas, stops):
-    """Whatever the split into deltas: output = text up to the first stop string; nothing of it leaks."""
+    """Whatever the split into deltas: output = text before the first stop string completed; nothing leaks."""
     m = StopMatcher(stops)
     out, hit = [], False
     for d in deltas:
@@ -65,9 +65,15 @@ def test_stop_matcher_is_exact_across_any_split(deltas, stops):
     if not hit:
         out.append(m.flush())
     full = "".join(deltas)
-    hits = [full.find(s) for s in stops if s in full]
-    if hits:
-        assert hit and "".join(out) == full[: min(hits)]
+    # Reference: the text read one character at a time; cut before the first stop string to be completed.
+    cut = None
+    for end in range(1, len(full) + 1):
+        starts = [end - len(s) for s in stops if full[:end].endswith(s)]
+        if starts:
+            cut = min(starts)
+            break
+    if cut is not None:
+        assert hit and "".join(out) == full[:cut]
     else:
         assert not hit and "".join(out) == full
 
