@@ -8,8 +8,8 @@ calls this file in a subprocess:
 
     python tests/kernels/kernel_compile_check.py [--full]
 
-Default: bf16, head dim 128, one config per kernel, sm_90. --full: fp16/bf16/fp32 x head dims 64/128 x every
-autotune config of the forward, sm_80 and sm_90. Prints one line per compile; exits 1 on any failure or on a
+Default: bf16, head dim 128, one config per kernel, sm_90. --full: fp16/bf16 x head dims 64/128 x every autotune
+config of the forward, plus fp32 with the fixed configs, for sm_80 and sm_90 (--arch picks one). Prints one line per compile; exits 1 on any failure or on a
 fixed-size kernel whose shared memory exceeds the target's limit.
 """
 
@@ -84,48 +84,69 @@ NORM_B = {n: None for n in ("DY", "DH_NEXT", "H", "W", "DX")} | {"RSTD": "fp32",
 ROT = {"X": None, "Y": None, "COS": "fp32", "SIN": "fp32"}
 
 
-def run(full: bool) -> bool:
+def _attention_set(arch: int, dtype: str, d: int, all_configs: bool) -> bool:
+    ieee = dtype == "fp32"
     ok = True
-    archs = (80, 90) if full else (90,)
-    dtypes = ("fp16", "bf16", "fp32") if full else ("bf16",)
-    head_dims = (64, 128) if full else (128,)
+    configs = [(128, 64, 8, 3, False)]
+    if all_configs:
+        configs = [
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, False)
+            for c in attention._FWD_CONFIGS
+        ]
+    if ieee:
+        configs = []  # fp32 (IEEE dots) checks the fixed config only: one forward took 2 minutes to compile
+    configs.append((64, 64, 4, 3, True))  # the INSTRUCTLM_TRITON_AUTOTUNE=0 config
+    for bm, bn, warps, stages, fixed in configs:
+        cx = dict(GROUP=2, HEAD_DIM=d, HAS_SEG=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn)
+        ok &= _compile(
+            attention._attn_fwd_kernel, dtype, ATTN_FWD, cx, arch, fixed, num_warps=warps, num_stages=stages
+        )
+    cx = dict(GROUP=2, HEAD_DIM=d, IEEE=ieee, BLOCK_M=64, BLOCK_N=64)
+    for fn in (attention._attn_bwd_dkdv_kernel, attention._attn_bwd_dq_kernel):
+        ok &= _compile(fn, dtype, ATTN_BWD, cx, arch, True, num_warps=4 if d <= 64 else 8, num_stages=2)
+    cx = dict(GROUP=4, BLOCK_H=16, HEAD_DIM=d, NUM_SPLITS=8, IEEE=ieee, BLOCK_N=64)
+    ok &= _compile(decode._decode_split_kernel, dtype, DECODE, cx, arch, True, num_warps=4, num_stages=2)
+    ok &= _compile(
+        decode._decode_merge_kernel, dtype, MERGE, dict(HEAD_DIM=d, NUM_SPLITS=8, BLOCK_S=8), arch, True
+    )
+    cx = dict(HALF=d // 2, BLOCK_HALF=d // 2, BLOCK_H=16, BACKWARD=True)
+    ok &= _compile(rotary._rotary_kernel, dtype, ROT, cx, arch, True)
+    return ok
+
+
+def _norm_set(arch: int, dtype: str) -> bool:
+    ok = _compile(
+        rmsnorm._rmsnorm_fwd_kernel, dtype, NORM_F, dict(HAS_RES=True, BLOCK=2048), arch, True, num_warps=8
+    )
+    cx = dict(HAS_DH_NEXT=True, BLOCK=2048)
+    return ok & _compile(rmsnorm._rmsnorm_bwd_kernel, dtype, NORM_B, cx, arch, True, num_warps=8)
+
+
+def run(full: bool, archs: tuple[int, ...]) -> bool:
+    """Default: bf16, head dim 128, one forward config. Full: fp16/bf16 x head dims 64/128 x every autotune config,
+    plus fp32 (IEEE dots) at head dim 64 with the fixed configs: an fp32 forward took 2 minutes to compile."""
+    if not full:
+        return all([_attention_set(a, "bf16", 128, False) & _norm_set(a, "bf16") for a in archs])
+    ok = True
     for arch in archs:
-        for dtype in dtypes:
-            ieee = dtype == "fp32"
-            for d in head_dims:
-                fwd_configs = (
-                    [
-                        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, False)
-                        for c in attention._FWD_CONFIGS
-                    ]
-                    if full
-                    else [(128, 64, 8, 3, False)]
-                )
-                fwd_configs.append((64, 64, 4, 3, True))  # the INSTRUCTLM_TRITON_AUTOTUNE=0 config
-                for bm, bn, warps, stages, fixed in fwd_configs:
-                    cx = dict(GROUP=2, HEAD_DIM=d, HAS_SEG=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn)
-                    ok &= _compile(attention._attn_fwd_kernel, dtype, ATTN_FWD, cx, arch, fixed,
-                                   num_warps=warps, num_stages=stages)  # fmt: skip
-                cx = dict(GROUP=2, HEAD_DIM=d, IEEE=ieee, BLOCK_M=64, BLOCK_N=64)
-                warps = 4 if d <= 64 else 8
-                for fn in (attention._attn_bwd_dkdv_kernel, attention._attn_bwd_dq_kernel):
-                    ok &= _compile(fn, dtype, ATTN_BWD, cx, arch, True, num_warps=warps, num_stages=2)
-                cx = dict(GROUP=4, BLOCK_H=16, HEAD_DIM=d, NUM_SPLITS=8, IEEE=ieee, BLOCK_N=64)
-                ok &= _compile(
-                    decode._decode_split_kernel, dtype, DECODE, cx, arch, True, num_warps=4, num_stages=2
-                )
-                cx = dict(HEAD_DIM=d, NUM_SPLITS=8, BLOCK_S=8)
-                ok &= _compile(decode._decode_merge_kernel, dtype, MERGE, cx, arch, True)
-                cx = dict(HALF=d // 2, BLOCK_HALF=d // 2, BLOCK_H=16, BACKWARD=True)
-                ok &= _compile(rotary._rotary_kernel, dtype, ROT, cx, arch, True)
-            ok &= _compile(rmsnorm._rmsnorm_fwd_kernel, dtype, NORM_F, dict(HAS_RES=True, BLOCK=2048), arch, True,
-                           num_warps=8)  # fmt: skip
-            ok &= _compile(rmsnorm._rmsnorm_bwd_kernel, dtype, NORM_B, dict(HAS_DH_NEXT=True, BLOCK=2048), arch, True,
-                           num_warps=8)  # fmt: skip
+        for dtype in ("fp16", "bf16"):
+            for d in (64, 128):
+                ok &= _attention_set(arch, dtype, d, True)
+            ok &= _norm_set(arch, dtype)
+        ok &= _attention_set(arch, "fp32", 64, False) & _norm_set(arch, "fp32")
     return ok
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true")
-    sys.exit(0 if run(parser.parse_args().full) else 1)
+    parser.add_argument("--full", action="store_true", help="every dtype, head dim and autotune config")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        action="append",
+        choices=sorted(SHARED_LIMIT),
+        help="default: 90 (--full: 80 and 90)",
+    )
+    args = parser.parse_args()
+    archs = tuple(args.arch or ((80, 90) if args.full else (90,)))
+    sys.exit(0 if run(args.full, archs) else 1)
