@@ -7,10 +7,10 @@ Prefill: tokens/s for one 128- and one 512-token prompt. PyTorch eager is `model
 `model.cache.KVCache` (what `model.generate` runs); the optimum loop is what a generic tool does: feed present
 back as past, so the cache grows by a concat every step. Without --checkpoint it uses runs/demo/checkpoint when
 it exists, else a random-weight model of the demo shape (same speed, no meaningful perplexity).
-Prints the machine, the command and every time as a ratio to PyTorch eager measured in the same run. Calls of
-all implementations are interleaved; the minimum is the figure to compare (on a shared machine other
-processes' load inflated medians up to 5-fold while minima stayed within a few percent run to run), the
-median is printed too.
+Prints the machine, the command and every time as a ratio to PyTorch eager measured in the same run. The
+implementations take turns in short blocks (warm-up call of each block not counted); the minimum is the
+figure to compare (on a shared machine other processes' load inflated medians up to 5-fold while minima
+stayed within a few percent run to run), the median is printed too.
 """
 
 from __future__ import annotations
@@ -317,29 +317,38 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def decode_ms(impls, batch, context, steps, vocab) -> list[float]:
-    """Median ms per decode step for each implementation, steps interleaved across implementations so that
-    load from other processes on a shared machine falls on all of them alike."""
+def decode_ms(impls, batch, context, steps, vocab, block: int = 8) -> list[tuple[float, float]]:
+    """(min, median) ms per decode step for each implementation. Implementations take turns in blocks of
+    `block` steps, so load drift from other processes falls on all alike; the first step of each block is not
+    counted, because the previous implementation has just evicted this one's weights from the CPU caches
+    (26 MB of fp32 weights at the demo shape do not fit twice)."""
     rng = np.random.default_rng(0)
     rows = rng.integers(3, vocab, (batch, context)).tolist()
     tokens = [3] * batch
     for impl in impls:
         impl.prefill(rows)
     times: list[list[float]] = [[] for _ in impls]
-    for i in range(steps):
-        for t, impl in zip(times, impls, strict=True):
-            t.append(_time(lambda impl=impl, i=i: impl.decode(tokens, [context + i] * batch)))
+    step = [0] * len(impls)
+    for _ in range(max(1, steps // block)):
+        for j, impl in enumerate(impls):
+            for k in range(block):
+                pos = [context + step[j]] * batch
+                dt = _time(lambda impl=impl, pos=pos: impl.decode(tokens, pos))
+                step[j] += 1
+                if k:
+                    times[j].append(dt)
     return [(float(np.min(t)) * 1e3, float(np.median(t)) * 1e3) for t in times]
 
 
-def prefill_tps(impls, n, repeat, vocab) -> list[float]:
+def prefill_tps(impls, n, repeat, vocab, block: int = 3) -> list[tuple[float, float]]:
     prompt = [np.random.default_rng(n).integers(3, vocab, n).tolist()]
-    for impl in impls:
-        impl.prefill(prompt)  # warm-up
     times: list[list[float]] = [[] for _ in impls]
     for _ in range(repeat):
         for t, impl in zip(times, impls, strict=True):
-            t.append(_time(lambda impl=impl: impl.prefill(prompt)))
+            for k in range(block):  # first call of a block warms the caches, not counted
+                dt = _time(lambda impl=impl: impl.prefill(prompt))
+                if k:
+                    t.append(dt)
     return [(n / float(np.min(t)), n / float(np.median(t))) for t in times]
 
 
@@ -349,7 +358,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=128, help="tokens already in each row when decoding")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per case (median)")
-    ap.add_argument("--repeat", type=int, default=7, help="prefill calls timed per case (median)")
+    ap.add_argument("--repeat", type=int, default=5, help="prefill rounds per case (2 timed calls each)")
     ap.add_argument("--design-only", action="store_true", help="only the attention-design comparison")
     args = ap.parse_args()
 
