@@ -161,8 +161,9 @@ class OnnxRunner:
         # 2 cores shared: an unset pool oversubscribes (a prefill ran 25x slower); the caller says how many.
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        # The saved graph is already optimized at export; basic fusions only re-check it, quickly.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # The saved graph already carries the portable fusions; ALL adds this machine's kernel layouts
+        # (decode at batch 1: 1.40 ms vs 1.65 ms with BASIC, demo shape, 1 thread).
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         requested = list(providers) if providers is not None else pick_providers()
         try:
             self.session = ort.InferenceSession(str(self.model_file), opts, providers=requested)
