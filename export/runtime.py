@@ -164,7 +164,10 @@ class OnnxRunner:
         # The saved graph already carries the portable fusions; ALL adds this machine's kernel layouts
         # (decode at batch 1: 1.40 ms vs 1.65 ms with BASIC, demo shape, 1 thread).
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        requested = list(providers) if providers is not None else pick_providers()
+        available = ort.get_available_providers()
+        requested = [p for p in (providers if providers is not None else pick_providers()) if p in available]
+        if "CPUExecutionProvider" not in requested:
+            requested.append("CPUExecutionProvider")  # the fallback for every node another provider lacks
         try:
             self.session = ort.InferenceSession(str(self.model_file), opts, providers=requested)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -218,7 +221,11 @@ class OnnxRunner:
         kv = _dims(inputs["kv_index"])[1]
         if kv != cfg.num_key_value_heads:
             raise BundleError(f"{f}: kv_index has {kv} KV heads, config.json says {cfg.num_key_value_heads}")
-        vocab = _dims(outputs["logits"])[-1] if "logits" in outputs else None
+        want_out = ["logits"] + [f"new_{k}.{i}" for i in range(n) for k in ("key", "value")]
+        missing = [name for name in want_out if name not in outputs]
+        if missing:
+            raise BundleError(f"{f}: graph lacks output(s) {', '.join(missing[:4])}")
+        vocab = _dims(outputs["logits"])[-1]
         if vocab != cfg.vocab_size:
             raise BundleError(f"{f}: logits have vocab {vocab}, config.json says {cfg.vocab_size}")
 

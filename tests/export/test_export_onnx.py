@@ -191,6 +191,17 @@ def test_refuses_existing_output_unless_forced(tiny_checkpoint, tiny_bundle, tmp
     assert not list(tmp_path.glob(".bundle.*"))  # no temporary directory left
 
 
+def test_failed_parity_exits_1_and_says_so(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "FP32_TOL", 0.0)  # no fp32 graph matches PyTorch bit for bit
+    out = tmp_path / "bundle"
+    assert main(["export", "onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 1
+    assert "parity check FAILED" in capsys.readouterr().err
+    rep = json.loads((out / "export_report.json").read_text())
+    assert rep["passed"] is False and rep["files"]["model.onnx"]["parity"]["passed"] is False
+
+
 def test_refuses_to_replace_a_directory_that_is_not_a_bundle(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")

@@ -117,10 +117,12 @@ def test_bad_rows_are_refused(runner):
         runner.prefill([[5], [6]], [1, 1], [0, 0])
 
 
-def test_providers_are_what_onnxruntime_registered(runner):
+def test_providers_are_what_onnxruntime_registered(runner, tiny_bundle):
     # No CUDA build here: CPU only, and the runner reports the session's real providers, not the wish list.
     assert pick_providers() == ["CPUExecutionProvider"]
     assert runner.providers == ["CPUExecutionProvider"]
+    asked = OnnxRunner(tiny_bundle, 1, 16, providers=["CUDAExecutionProvider"], verify_hash=False)
+    assert asked.providers == ["CPUExecutionProvider"]
 
 
 def test_runs_without_torch(tiny_bundle, tiny_model, tmp_path):
