@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "instructlm.commands.train",
     "instructlm.commands.export",
     "instructlm.commands.serve",
+    "instructlm.commands.encoder",
 ]
 
 

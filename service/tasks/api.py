@@ -198,7 +198,17 @@ def build_task_state(srv: ServerState) -> TaskState:
     ts = srv.settings.tasks
     cs = ts.customer_service
     metrics = TaskMetrics(srv.metrics.registry)
-    kb = ReloadingKnowledgeBase(_data_path(cs.knowledge_base), required=cs.knowledge_base_required)
+    encoder = None
+    if cs.encoder:
+        from service.tasks.encoder import SentenceEncoder
+
+        encoder = SentenceEncoder(_data_path(cs.encoder), threads=srv.settings.threads)
+    kb = ReloadingKnowledgeBase(
+        _data_path(cs.knowledge_base),
+        required=cs.knowledge_base_required,
+        encoder=encoder,
+        dense_weight=cs.dense_weight,
+    )
     if kb.kb is not None:
         metrics.kb_reloads.labels(result="ok").inc()
         metrics.kb_entries.set(len(kb.kb.entries))

@@ -18,6 +18,11 @@ class CustomerServiceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_onl
     # the error, and this endpoint answers 503 naming it until a reload succeeds.
     knowledge_base_required: bool = True
     top_k: int = 3
+    # Hybrid retrieval: a directory with encoder.onnx + tokenizer.json (`instructlm encoder export`); "" = BM25.
+    encoder: str = ""
+    dense_weight: float = (
+        0.9  # score = w * cosine + (1 - w) * BM25 / max BM25 (see service/tasks/retrieval.py)
+    )
     intent_labels: str = "data/seed/intent_labels.jsonl"
     # The temperature fitted by `instructlm eval --tasks` (intent_calibration.json). "auto": the file that
     # `instructlm eval` writes beside the model (MODEL/../eval/intent_calibration.json) if it exists, else T = 1;
@@ -59,6 +64,7 @@ class TaskSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         checks = [
             ("customer_service.top_k", cs.top_k >= 0, "must be >= 0"),
             ("customer_service.handoff_threshold", 0 <= cs.handoff_threshold <= 1, "must be in [0, 1]"),
+            ("customer_service.dense_weight", 0 <= cs.dense_weight <= 1, "must be in [0, 1]"),
             ("customer_service.max_tokens", cs.max_tokens >= 1, "must be >= 1"),
             ("content.min_words", 1 <= ct.min_words <= ct.max_words, "must be in [1, content.max_words]"),
             ("content.tokens_per_word", ct.tokens_per_word > 0, "must be > 0"),
