@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "baselines on the seed data, into the same report (service/tasks/evaluate.py)",
     )
     p.add_argument("--seed-dir", default="data/seed", help="seed data for --tasks (default data/seed)")
+    p.add_argument(
+        "--encoder", default=None, help="with --tasks: also hybrid retrieval with this encoder dir"
+    )
     p.set_defaults(func=run)
 
 
@@ -92,6 +95,7 @@ def _task_eval(args: argparse.Namespace, out) -> None:
         threads=args.threads or 1,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        encoder=args.encoder,
     )
     md = (out / "tasks.md").read_text(encoding="utf-8")
     with open(out / "eval.md", "a", encoding="utf-8") as f:

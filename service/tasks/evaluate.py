@@ -134,6 +134,7 @@ def run_task_eval(
     threads: int = 1,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    encoder: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     from tqdm import tqdm
@@ -206,20 +207,36 @@ def run_task_eval(
     reliability_png(p1, pt, test_y, out_dir / "intent_reliability.png")
 
     # --- retrieval ------------------------------------------------------------------------------------------
-    kb = KnowledgeBase.load(seed_dir / "faq.jsonl")
     faq = [
         json.loads(line) for line in (seed_dir / "faq.jsonl").read_text(encoding="utf-8").splitlines() if line
     ]
     queries = [(p, row["id"]) for row in faq for p in row["paraphrases"]]
-    ranks = [[h.entry.id for h in kb.search(q, k=3)] for q, _ in queries]
+
+    def recall(kb: KnowledgeBase, min_score: float = 0.0) -> tuple[float, float]:
+        ranks = [[h.entry.id for h in kb.search(q, k=3, min_score=min_score)] for q, _ in queries]
+        at1 = float(np.mean([r[:1] == [i] for r, (_, i) in zip(ranks, queries, strict=True)]))
+        return at1, float(np.mean([i in r for r, (_, i) in zip(ranks, queries, strict=True)]))
+
+    kb = KnowledgeBase.load(seed_dir / "faq.jsonl")
+    r1, r3 = recall(kb)
     results["retrieval"] = {
         "queries": len(queries),
         "entries": len(kb.entries),
-        "recall_at_1": float(np.mean([r[:1] == [i] for r, (_, i) in zip(ranks, queries, strict=True)])),
-        "recall_at_3": float(np.mean([i in r for r, (_, i) in zip(ranks, queries, strict=True)])),
+        "recall_at_1": r1,
+        "recall_at_3": r3,
         "baseline_chance_at_1": 1 / len(kb.entries),
         "baseline_chance_at_3": 3 / len(kb.entries),
     }
+    if encoder:
+        from service.tasks.encoder import SentenceEncoder
+        from service.tasks.retrieval import DENSE_WEIGHT
+
+        enc = SentenceEncoder(encoder, threads=threads)
+        for name, weight in (("hybrid", DENSE_WEIGHT), ("dense", 1.0)):
+            # Cosines can be negative: every entry ranks, as in BM25 every entry with a shared term does.
+            a1, a3 = recall(KnowledgeBase.load(seed_dir / "faq.jsonl", enc, weight), min_score=-2.0)
+            results["retrieval"][f"{name}_recall_at_1"] = a1
+            results["retrieval"][f"{name}_recall_at_3"] = a3
 
     model = runner.model
     stop = tokenizer.stop_ids
@@ -323,6 +340,12 @@ def task_markdown(r: dict[str, Any]) -> str:
         f"{q['baseline_chance_at_1']:.3f} (chance) |",
         f"| retrieval | recall@3 | {q['recall_at_3']:.3f} | {q['baseline_chance_at_3']:.3f} (chance) |",
     ]
+    for name in ("hybrid", "dense"):
+        if f"{name}_recall_at_1" in q:
+            lines.append(
+                f"| retrieval, {name} (encoder) | recall@1 / @3 | {q[f'{name}_recall_at_1']:.3f} / "
+                f"{q[f'{name}_recall_at_3']:.3f} | BM25 {q['recall_at_1']:.3f} / {q['recall_at_3']:.3f} |"
+            )
     for key, v in r["translation"].items():
         if isinstance(v, dict) and "bleu" in v:
             lines.append(
