@@ -262,3 +262,28 @@ def test_bad_val_data_names_file_and_line(tiny_checkpoint, tmp_path, capsys):
     ]
     assert main([*args, "--val-data", str(val)]) == 2
     assert f"{val}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_untied_multi_head_variant_exports_within_gate(tiny_tokenizer, tmp_path, torch_threads):
+    """The other shape branches: one query head per KV head (no grouping) and an untied LM head."""
+    from export.onnx_export import export_bundle
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.transformer import Transformer
+
+    cfg = preset(
+        "tiny",
+        vocab_size=tiny_tokenizer.vocab_size,
+        num_hidden_layers=1,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        pad_token_id=tiny_tokenizer.pad_id,
+    )
+    model = Transformer(cfg)
+    model.init_weights(seed=5)
+    tiny_tokenizer.save(tmp_path / "tok", model_max_length=cfg.max_position_embeddings)
+    ckpt = save_checkpoint(model.eval(), tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    rep = export_bundle(ckpt, tmp_path / "bundle")
+    assert rep["passed"] is True
+    assert rep["files"]["model.onnx"]["parity"]["greedy_identical"] is True
+    assert "model.int8.onnx" not in rep["files"]
