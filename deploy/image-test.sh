@@ -73,10 +73,16 @@ if [ -n "${IMAGE_TEST_REUSE:-}" ] && podman "${STORAGE[@]}" image exists "$IMAGE
   say "reusing $IMAGE (IMAGE_TEST_REUSE)"
 else
   say "buildah bud (TARGET=cpu, BASE_IMAGE=$BASE)"
+  # buildah 1.28 leaves a working container per multi-stage build behind (each a full vfs copy): remove ours.
+  before=$(buildah "${STORAGE[@]}" containers --all --quiet | sort)
   "${NICE[@]}" buildah "${STORAGE[@]}" bud --isolation chroot --format docker --pull=never --layers=false \
     --build-arg BASE_IMAGE="$BASE" --build-arg TARGET=cpu --build-arg BUNDLE="$WORK/bundle" \
     --build-arg PIP_CA_BUNDLE=/run/host-ca.crt --volume "$CA:/run/host-ca.crt:ro" \
-    -f Dockerfile -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+    -f Dockerfile -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; build_failed=1; }
+  comm -13 <(echo "$before") <(buildah "${STORAGE[@]}" containers --all --quiet | sort) \
+    | xargs -r buildah "${STORAGE[@]}" rm >/dev/null
+  buildah "${STORAGE[@]}" rmi --prune >/dev/null 2>&1 || true
+  [ -z "${build_failed:-}" ] || exit 1
 fi
 size=$(podman "${STORAGE[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 base_size=$(podman "${STORAGE[@]}" image inspect --format '{{.Size}}' "$BASE")
@@ -89,7 +95,6 @@ cleanup() {
   buildah "${STORAGE[@]}" rm "$ctr" >/dev/null 2>&1 || true
   # IMAGE_TEST_KEEP=1 keeps the image for another run with IMAGE_TEST_REUSE=1.
   [ -n "${IMAGE_TEST_KEEP:-}" ] || buildah "${STORAGE[@]}" rmi "$IMAGE" >/dev/null 2>&1 || true
-  # Stages of failed builds linger as untagged images, each a full vfs copy (~500 MB).
   buildah "${STORAGE[@]}" rmi --prune >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
