@@ -106,6 +106,16 @@ def test_every_rendering_passes_kubernetes_validate(rendered, kubernetes_validat
         assert warned == unchecked, f"{name}: kinds without a schema {warned}"
 
 
+def test_renderings_also_valid_on_the_oldest_supported_kubernetes(rendered, kubernetes_validate):
+    """Chart.yaml's kubeVersion floor: the API versions used (autoscaling/v2, policy/v1, Indexed Jobs) exist
+    there with the same fields."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    floor = re.match(r">=\s*(\d+\.\d+)", chart["kubeVersion"]).group(1) + ".0"
+    stream = "\n---\n".join(out.text for out in rendered.values())
+    done = run([kubernetes_validate, "-k", floor, "--strict", "--quiet", "-"], stdin=stream)
+    assert done.returncode == 0, f"kubernetes {floor}: {done.stdout}{done.stderr}"
+
+
 def test_a_broken_manifest_fails_the_same_check(rendered, kubernetes_validate):
     deployment = copy.deepcopy(rendered["default"].one("Deployment"))
     # A misspelt field (strict mode) and a string where Kubernetes wants an integer.
