@@ -8,9 +8,10 @@ Prefill: tokens/s for one 128- and one 512-token prompt. PyTorch eager is `model
 back as past, so the cache grows by a concat every step. Without --checkpoint it uses runs/demo/checkpoint when
 it exists, else a random-weight model of the demo shape (same speed, no meaningful perplexity).
 Prints the machine, the command and every time as a ratio to PyTorch eager measured in the same run. The
-implementations take turns in short blocks (warm-up call of each block not counted); the minimum is the
-figure to compare (on a shared machine other processes' load inflated medians up to 5-fold while minima
-stayed within a few percent run to run), the median is printed too.
+implementations take turns in short blocks (warm-up call of each block not counted). Three statistics: the
+minimum wall-clock, the median wall-clock, and (with --threads 1) the median CPU time of the calling thread,
+which leaves out time spent waiting for a core: on a shared machine other processes' load inflated wall-clock
+medians up to 5-fold.
 """
 
 from __future__ import annotations
@@ -312,13 +313,19 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
 
 
 def _time(fn) -> float:
-    t = time.perf_counter()
+    return _times(fn)[0]
+
+
+def _times(fn) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds). With one thread every implementation here computes on the
+    calling thread, so CPU time leaves out the time spent waiting for a core on a shared machine."""
+    w, c = time.perf_counter(), time.thread_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - w, time.thread_time() - c
 
 
-def decode_ms(impls, batch, context, steps, vocab, block: int = 8) -> list[tuple[float, float]]:
-    """(min, median) ms per decode step for each implementation. Implementations take turns in blocks of
+def decode_ms(impls, batch, context, steps, vocab, block: int = 8) -> list[tuple[float, float, float]]:
+    """(min wall, median wall, median CPU) ms per decode step for each implementation. Implementations take turns in blocks of
     `block` steps, so load drift from other processes falls on all alike; the first step of each block is not
     counted, because the previous implementation has just evicted this one's weights from the CPU caches
     (26 MB of fp32 weights at the demo shape do not fit twice)."""
@@ -333,23 +340,31 @@ def decode_ms(impls, batch, context, steps, vocab, block: int = 8) -> list[tuple
         for j, impl in enumerate(impls):
             for k in range(block):
                 pos = [context + step[j]] * batch
-                dt = _time(lambda impl=impl, pos=pos: impl.decode(tokens, pos))
+                dt = _times(lambda impl=impl, pos=pos: impl.decode(tokens, pos))
                 step[j] += 1
                 if k:
                     times[j].append(dt)
-    return [(float(np.min(t)) * 1e3, float(np.median(t)) * 1e3) for t in times]
+    out = []
+    for t in times:
+        wall, cpu = np.array(t).T * 1e3
+        out.append((float(wall.min()), float(np.median(wall)), float(np.median(cpu))))
+    return out
 
 
-def prefill_tps(impls, n, repeat, vocab, block: int = 3) -> list[tuple[float, float]]:
+def prefill_tps(impls, n, repeat, vocab, block: int = 3) -> list[tuple[float, float, float]]:
     prompt = [np.random.default_rng(n).integers(3, vocab, n).tolist()]
     times: list[list[float]] = [[] for _ in impls]
     for _ in range(repeat):
         for t, impl in zip(times, impls, strict=True):
             for k in range(block):  # first call of a block warms the caches, not counted
-                dt = _time(lambda impl=impl: impl.prefill(prompt))
+                dt = _times(lambda impl=impl: impl.prefill(prompt))
                 if k:
                     t.append(dt)
-    return [(n / float(np.min(t)), n / float(np.median(t))) for t in times]
+    out = []
+    for t in times:
+        wall, cpu = np.array(t).T
+        out.append((n / float(wall.min()), n / float(np.median(wall)), n / float(np.median(cpu))))
+    return out
 
 
 def main() -> int:
@@ -414,7 +429,10 @@ def main() -> int:
             )
         )
 
-    for stat, label in ((0, "minimum over interleaved calls"), (1, "median")):
+    tables = [(0, "minimum wall-clock over interleaved calls"), (1, "median wall-clock")]
+    if args.threads == 1:
+        tables.append((2, "median CPU time of the calling thread (1 thread: excludes waiting for a core)"))
+    for stat, label in tables:
         print(f"\n{label}:")
         print("| case | " + " | ".join(i.name for i in impls) + " |")
         print("|" + "---|" * (len(impls) + 1))
