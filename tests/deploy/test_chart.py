@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from deploy.chart_readme import leaf_paths, load_chart, render_table, schema_node
-from tests.deploy.conftest import CHART, CI_VALUES, Rendered, render, run
+from tests.deploy.conftest import CHART, CI_VALUES, ROOT, Rendered, render, run
 
 # Names of the documented option files under helm/instructlm/ci/ (tests below rely on each of them).
 OPTIONS = {p.name.removesuffix("-values.yaml") for p in CI_VALUES}
@@ -408,3 +408,15 @@ def test_settings_file_is_mounted_and_loads(rendered, tmp_path):
     assert settings.tasks.customer_service.top_k == 5
     assert settings.model == env["INSTRUCTLM_MODEL"]
     assert "settings" not in {v["name"] for v in server_pod(rendered["default"])["volumes"]}
+
+
+def test_training_config_exists_and_writes_onto_the_claim():
+    """The Job runs in /app with the claim at /app/runs: the default recipe must ship with the image (configs/)
+    and write its outputs and read its dataset under runs/, or a restarted pod would lose them."""
+    import tomllib
+
+    values, _ = load_chart()
+    recipe = tomllib.loads((ROOT / values["training"]["config"]).read_text(encoding="utf-8"))
+    assert values["training"]["config"].startswith("configs/")
+    assert recipe["out_dir"].startswith("runs/")
+    assert recipe["data"]["dataset"].startswith("runs/") and recipe["data"]["tokenizer"].startswith("runs/")
