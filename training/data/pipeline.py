@@ -410,11 +410,13 @@ def _finish(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats: d
 
 
 def _observe(report: ReportData, record: Record) -> None:
-    from training.data.record import instruction_text, response_text, user_text
+    from training.data.record import response_text, user_text
 
     report.lengths[record.task].append((len(tokens(user_text(record))), len(tokens(response_text(record)))))
     if len(report.instructions) < 20_000 and record.kind == "chat":
-        report.instructions.append(instruction_text(record)[:300])
+        # The rendered first user turn: a templated task's verb ("Translate", "Classify") is its instruction.
+        first = next((m.content for m in record.messages or () if m.role == "user"), "")
+        report.instructions.append(first[:300])
 
 
 class Counters:

@@ -4,8 +4,9 @@ split clusters, and the Self-Instruct diversity view (root verbs of instructions
 Diversity heuristic, English (Self-Instruct parses with Berkeley's parser; we download no model): drop leading
 politeness ("please", "can you", "I want you to"...); an instruction whose first word is a question word or an
 auxiliary is counted as a question under that word ("how?", "what?"); otherwise the first word is the root verb
-(instructions are imperatives) and the first following word that is not a determiner, pronoun or preposition is
-its object. Chinese: jieba's part-of-speech tagger (bundled dictionary, no download): the first verb (v*) and the
+(instructions are imperatives; a first word that cannot start one, such as a pronoun, article or greeting, marks
+a statement, which is not counted) and the first following word that is not a determiner, pronoun or
+preposition is its object. Chinese: jieba's part-of-speech tagger (bundled dictionary, no download): the first verb (v*) and the
 first noun (n*) after it.
 """
 
@@ -24,6 +25,12 @@ FILLERS = re.compile(
 )
 QUESTION_WORDS = set(["what", "how", "why", "who", "whom", "whose", "where", "when", "which", "is", "are", "was", "were", "do", "does", "did", "can", "could", "would", "will", "should", "shall", "may", "might", "have", "has", "had", "am"])  # fmt: skip
 SKIP = set(["a", "an", "the", "this", "that", "these", "those", "my", "your", "our", "their", "his", "her", "its", "some", "any", "all", "each", "every", "me", "you", "it", "them", "us", "him", "to", "of", "for", "in", "on", "at", "by", "with", "about", "from", "into", "as", "and", "or"])  # fmt: skip
+# A first word that cannot start an imperative: the instruction is a statement or a greeting, not counted.
+NOT_A_VERB = SKIP | {
+    "i", "i'm", "im", "we", "he", "she", "they", "there", "here", "if", "hello", "hi", "hey", "thanks", "thank",
+    "yes", "no", "ok", "okay", "so", "well", "oh", "good", "great", "nice", "sorry", "sure", "maybe", "not", "just",
+    "also", "really", "very", "that's", "it's", "ich", "wir", "sie", "es", "der", "die", "das",
+}  # fmt: skip
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -37,6 +44,8 @@ def verb_object(instruction: str) -> tuple[str, str] | None:
         return None
     if words[0] in QUESTION_WORDS:
         return f"{words[0]}?", ""
+    if words[0] in NOT_A_VERB:
+        return None
     obj = next((w for w in words[1:] if w not in SKIP), "")
     return words[0], obj
 
