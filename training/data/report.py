@@ -31,6 +31,22 @@ NOT_A_VERB = SKIP | {
     "yes", "no", "ok", "okay", "so", "well", "oh", "good", "great", "nice", "sorry", "sure", "maybe", "not", "just",
     "also", "really", "very", "that's", "it's", "ich", "wir", "sie", "es", "der", "die", "das",
 }  # fmt: skip
+NUMBER_WORDS = {
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "several",
+    "few",
+    "many",
+}
+ZH_POLITE = {"请", "帮", "帮忙", "麻烦", "能", "可以"}  # "请写…" ("please write"): the verb is 写
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -46,7 +62,7 @@ def verb_object(instruction: str) -> tuple[str, str] | None:
         return f"{words[0]}?", ""
     if words[0] in NOT_A_VERB:
         return None
-    obj = next((w for w in words[1:] if w not in SKIP), "")
+    obj = next((w for w in words[1:] if w not in SKIP and w not in NUMBER_WORDS), "")
     return words[0], obj
 
 
@@ -59,7 +75,7 @@ def _verb_object_zh(text: str) -> tuple[str, str] | None:
     jieba.setLogLevel(logging.WARNING)
     verb = None
     for pair in pseg.cut(text[:60]):
-        if verb is None and pair.flag.startswith("v"):
+        if verb is None and pair.flag.startswith("v") and pair.word not in ZH_POLITE:
             verb = pair.word
         elif verb is not None and pair.flag.startswith("n"):
             return verb, pair.word
