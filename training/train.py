@@ -214,12 +214,17 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------- the step
 
 
-def lr_at(step: int, s: StageSection) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio at the last step."""
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
+def lr_at(step: int, s: StageSection, time_fraction: float = 0.0) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio at the last step.
+
+    With a max_seconds cap, progress is the larger of the step fraction and the elapsed-time fraction, so a slow
+    machine still warms up and decays fully within its time; when time does not bind, this is the step schedule."""
+    warm = s.warmup_steps / s.steps
+    p = max(step / s.steps, min(time_fraction, 1.0))
+    if p < warm:
+        return s.lr * max((step + 1) / s.warmup_steps, p / warm)
     min_lr = s.lr * s.min_lr_ratio
-    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    progress = (p - warm) / max(1e-12, 1 - warm)
     return min_lr + 0.5 * (s.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -636,7 +641,13 @@ def run_stage(
             micro = [
                 to_batch(mine[j * s.batch_size : (j + 1) * s.batch_size], device) for j in range(s.grad_accum)
             ]
-            lr = lr_at(step, s)
+            # Rank 0's clock, so every rank uses the same learning rate.
+            time_fraction = (
+                info.broadcast_object((time.perf_counter() - stage_t0) / s.max_seconds)
+                if s.max_seconds
+                else 0.0
+            )
+            lr = lr_at(step, s, time_fraction)
             result = train_step(
                 fwd, optimizer, micro, info, cfg.optim, lr, cfg.run.distributed, autocast_dtype
             )
@@ -848,11 +859,19 @@ def finish(cfg: TrainConfig, tokenizer: Tokenizer, summaries: list[dict[str, Any
 
     model = load_checkpoint(dest)
     samples = []
-    val = T.read_records(cfg.data.dataset, "val")
     by_task: dict[str, list[dict[str, Any]]] = {}
-    for r in val:
-        if r["kind"] == "chat" and any(m["role"] == "assistant" for m in r["messages"]):
-            by_task.setdefault(r["task"], []).append(r)
+    # Validation records first; a task with none there is sampled from the test split (never from train).
+    for split in ("val", "test"):
+        path = Path(cfg.data.dataset) / f"{split}.jsonl"
+        records = T.read_records(cfg.data.dataset, split) if path.exists() else []
+        seen = set(by_task)
+        for r in records:
+            if (
+                r["task"] not in seen
+                and r["kind"] == "chat"
+                and any(m["role"] == "assistant" for m in r["messages"])
+            ):
+                by_task.setdefault(r["task"], []).append(r)
     for task in sorted(by_task):
         for r in by_task[task][: cfg.run.samples_per_task]:
             msgs = r["messages"]

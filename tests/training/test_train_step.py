@@ -205,3 +205,12 @@ def test_compiled_run_writes_plain_checkpoints(tmp_path, train_dataset, tokenize
     from model.checkpoint import load_checkpoint
 
     load_checkpoint(tmp_path / "out/checkpoint")  # strict names and shapes
+
+
+def test_time_capped_schedule_warms_up_and_decays_within_the_time():
+    s = TR.StageSection(steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    # A slow machine: 5 steps done but half the time gone -> past warmup, half way down... of the cosine part.
+    assert TR.lr_at(5, s, time_fraction=0.55) == pytest.approx(TR.lr_at(55, s))
+    assert TR.lr_at(3, s, time_fraction=1.0) == pytest.approx(0.1)
+    # Time that does not bind changes nothing.
+    assert all(TR.lr_at(i, s, time_fraction=i / 200) == TR.lr_at(i, s) for i in range(100))
