@@ -147,6 +147,8 @@ def test_balance_caps_are_counted_as_rejections_and_weights_follow_t5(tmp_path):
                       balance={"max_per_task": 20, "cap": 15, "temperature": 2.0})  # fmt: skip
     c = m["counts"]
     assert c["by_stage"]["rejected"]["balance"] == 10 and c["rejected"] == 10 and c["kept"] == 30
+    assert c["by_stage"]["flow"] == {"inputs": 40, "after_read": 40, "after_validate": 40, "after_filter": 40,
+                                     "after_dedup": 40, "after_balance": 30}  # fmt: skip
     reasons = [r["reason"] for r in read_jsonl(tmp_path / "o" / "rejected.jsonl")]
     assert reasons == ["over max_per_task=20 for task 'translation'"] * 10
     assert c["train_by_task_with_derived"] == {"general": 10, "translation": 20}

@@ -466,6 +466,21 @@ def reason_kind(reason: str) -> str:
     return head[:90]
 
 
+def _flow(counts: Counters, kept: int) -> dict[str, int]:
+    left = counts.inputs
+    flow = {"inputs": left}
+    for stage in ("read", "validate", "filter"):
+        left -= counts.rejected_by_stage.get(stage, 0)
+        flow[f"after_{stage}"] = left
+    left -= sum(counts.duplicates_by_method.values())
+    flow["after_dedup"] = left
+    left -= counts.rejected_by_stage.get("balance", 0)
+    flow["after_balance"] = left
+    if left != kept:  # the accounting invariant, checked on every build
+        raise RuntimeError(f"accounting mismatch: {flow} but {kept} records written")
+    return flow
+
+
 def _manifest(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats: dict[str, ReadStats],
               grouper: Any) -> dict[str, Any]:  # fmt: skip
     from training.data.mixing import mixing_weights
@@ -501,6 +516,8 @@ def _manifest(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats:
             "duplicates": sum(counts.duplicates_by_method.values()),
             "derived": derived,
             "by_stage": {
+                # Records left after each stage, from the inputs down to the kept ones.
+                "flow": _flow(counts, kept),
                 "rejected": {
                     st: counts.rejected_by_stage.get(st, 0)
                     for st in ("read", "validate", "filter", "balance")
