@@ -110,3 +110,15 @@ def test_token_length_only_with_a_named_tokenizer(tmp_path):
     assert (
         Filters(FilterConfig(tokenizer="tokenizer.json", max_tokens=500), str(tmp_path)).check(record) is None
     )
+
+
+def test_filter_settings_apply_per_build_in_one_process(tmp_path):
+    from data_fixtures.helpers import build_sources
+
+    (tmp_path / "a.jsonl").write_text(
+        '{"instruction": "Say hi.", "input": "", "output": "Hi there, friend."}\n'
+    )
+    src = [{"reader": "alpaca", "path": "a.jsonl"}]
+    assert build_sources(tmp_path / "o1", src, base_dir=tmp_path)["counts"]["kept"] == 1
+    strict = build_sources(tmp_path / "o2", src, base_dir=tmp_path, filter={"min_words": 50})
+    assert strict["counts"]["rejected"] == 1

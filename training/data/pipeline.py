@@ -40,6 +40,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(specs: list[SourceSpec], cfg: DataConfig) -> None:
+    _WORKER.clear()  # a second build in the same process must not see the first one's filters
     _WORKER["specs"] = specs
     _WORKER["cfg"] = cfg
     os.environ.setdefault("OMP_NUM_THREADS", "1")
