@@ -216,3 +216,61 @@ def test_unknown_report_is_refused(bundle_copy):
     (bundle_copy / "export_report.json").write_text("{not json")
     with pytest.raises(BundleError, match=r"export_report\.json: not valid JSON"):
         open_bundle(bundle_copy)
+
+
+def test_random_engine_schedule_matches_pytorch(tiny_model, tiny_bundle):
+    """What a continuous-batching engine does, in a random order: chunked prefills of mixed lengths, decode
+    steps over whichever slots are active, prefix copies and releases; every call's logits against PyTorch
+    running the same calls over its own KVCache."""
+    rng = np.random.default_rng(7)
+    cfg = tiny_model.config
+    slots_n, max_len = 5, 64
+    runner = OnnxRunner(tiny_bundle, slots_n, max_len, verify_hash=False)
+    cache = KVCache(cfg, slots_n, max_len)
+    lengths = [0] * slots_n
+    worst = 0.0
+    for _ in range(40):
+        op = rng.choice(["prefill", "decode", "copy", "release"], p=[0.35, 0.45, 0.1, 0.1])
+        if op == "prefill":
+            chosen = sorted(rng.choice(slots_n, size=rng.integers(1, 4), replace=False).tolist())
+            rows, starts, slots = [], [], []
+            for s in chosen:
+                n = int(rng.integers(1, 9))
+                if lengths[s] + n <= max_len:
+                    rows.append(rng.integers(3, cfg.vocab_size, n).tolist())
+                    starts.append(lengths[s])
+                    slots.append(s)
+            if not rows:
+                continue
+            got = runner.prefill(rows, slots, starts, all_logits=True)
+            ref = _torch_prefill(tiny_model, cache, rows, slots, starts)
+            for i, r in enumerate(rows):
+                worst = max(worst, float(np.abs(got[i] - ref[i, : len(r)].numpy()).max()))
+                lengths[slots[i]] += len(r)
+        elif op == "decode":
+            active = [s for s in range(slots_n) if 0 < lengths[s] < max_len]
+            if not active:
+                continue
+            tokens = rng.integers(3, cfg.vocab_size, len(active))
+            pos = np.array([lengths[s] for s in active])
+            got = runner.decode(tokens, np.array(active), pos)
+            with torch.no_grad():
+                ref = tiny_model(
+                    torch.tensor(tokens)[:, None], torch.tensor(pos)[:, None], cache, torch.tensor(active)
+                )
+            worst = max(worst, float(np.abs(got - ref[:, 0].numpy()).max()))
+            for s in active:
+                lengths[s] += 1
+        elif op == "copy":
+            src, dst = rng.choice(slots_n, size=2, replace=False).tolist()
+            n = int(rng.integers(0, lengths[src] + 1))
+            runner.copy_prefix(src, dst, n)
+            cache.copy_prefix(src, dst, n)
+            lengths[dst] = n
+        else:
+            s = int(rng.integers(slots_n))
+            runner.release(s)
+            cache.reset([s])
+            lengths[s] = 0
+        assert runner.lengths.tolist() == lengths
+    assert 0 < worst <= TOL
