@@ -73,21 +73,36 @@ class Scorer(Protocol):
 
 
 def runner_scorer(runner, slots: Sequence[int]) -> Scorer:
-    """A Scorer over a Runner's free `slots` (one row per slot): one prefill call with every position's logits.
-    The slots are released afterwards; the caller owns them for the duration."""
+    """A Scorer over a Runner's free `slots` (one row per slot). The shared prompt is prefilled once into the
+    first slot and its cache copied into the others; then one batched prefill of the label tokens returns
+    every position's logits. With 14 labels of ~6 tokens after a ~110-token prompt that is ~200 tokens of
+    compute instead of ~1,540. The slots are released afterwards; the caller owns them meanwhile."""
+    from model.sampling import log_softmax
 
     def score(rows: list[list[int]], prompt_len: int) -> np.ndarray:
         if len(rows) > len(slots):
             raise ValueError(f"{len(rows)} rows but only {len(slots)} scoring slots")
         use = list(slots[: len(rows)])
+        prompt = rows[0][:prompt_len]
+        if any(r[:prompt_len] != prompt or len(r) <= prompt_len for r in rows):
+            raise ValueError("every row must extend the shared prompt by at least one token")
         try:
-            logits = runner.prefill(rows, use, [0] * len(rows), all_logits=True)
+            first = np.asarray(runner.prefill([prompt], use[:1], [0]))[0]  # predicts each row's first label token
+            for s in use[1:]:
+                runner.copy_prefix(use[0], s, prompt_len)
+            conts = [r[prompt_len:] for r in rows]
+            logits = runner.prefill(conts, use, [prompt_len] * len(rows), all_logits=True)
         finally:
             for s in use:
                 runner.release(s)
-        return np.array(
-            [continuation_logprob(lg, row, prompt_len) for lg, row in zip(logits, rows, strict=True)]
-        )
+        first_lp = log_softmax(first[None].astype(np.float64))[0]
+        out = []
+        for cont, lg in zip(conts, logits, strict=True):
+            total = first_lp[cont[0]]
+            if len(cont) > 1:
+                total += continuation_logprob(np.asarray(lg), cont, 1)
+            out.append(total)
+        return np.array(out)
 
     return score
 
