@@ -23,8 +23,9 @@ from model.errors import UserError
 from model.tasks import SYSTEM_PROMPTS, render_messages
 from service.tasks.calibration import continuation_logprob, softmax
 
-# Below this calibrated top probability the conversation goes to a human agent. With 14 intents a uniform
-# guess is 0.07; 0.4 is where the demo model's reliability diagram (docs/EVALUATION.md) drops below 50%.
+# Below this calibrated top probability the conversation goes to a human agent: after temperature scaling the
+# confidence estimates the chance the intent is right, so 0.4 hands off when the bot is more likely wrong
+# than right (a uniform guess over 14 intents is 0.07).
 DEFAULT_HANDOFF_THRESHOLD = 0.4
 
 
