@@ -12,23 +12,35 @@ Torch-free.
 from __future__ import annotations
 
 import codecs
+import weakref
 from collections.abc import Sequence
 
 from model.tokenizer import Tokenizer
 
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def byte_table(tokenizer: Tokenizer) -> list[bytes]:
+    """Every token's raw bytes, built once per tokenizer (8,192 tokens: a few ms): `token_bytes` maps each
+    character back through the byte-level alphabet, about 2 us per call, once per token per sequence."""
+    table = _TABLES.get(tokenizer)
+    if table is None:
+        table = _TABLES[tokenizer] = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+    return table
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
+        self.table = byte_table(tokenizer)
         self.skip = frozenset(skip_ids)
         # errors="replace": invalid bytes (a model can emit any) become U+FFFD instead of raising.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
         """The text that token completes ('' while a character is still unfinished)."""
-        if token_id in self.skip:
-            return ""
-        return self._decoder.decode(self.tokenizer.token_bytes(token_id))
+        if token_id in self.skip or token_id >= len(self.table):
+            return ""  # ids past the tokenizer's vocabulary (a model may have spare rows) have no text
+        return self._decoder.decode(self.table[token_id])
 
     def flush(self) -> str:
         """At the end: an unfinished sequence left over becomes U+FFFD."""
