@@ -402,6 +402,9 @@ async def _measured(tasks: TaskState, endpoint: str, handler):
     except UserError:
         timer.done(400)
         raise
+    except Exception:
+        timer.done(500)
+        raise
     if isinstance(result, Stream):
         return result  # counted when the stream ends
     timer.done(200)
