@@ -76,6 +76,7 @@ class TranslateRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     source_lang: str | None = None
     temperature: float = 0.0
     seed: int | None = None
+    stream: bool = False
 
 
 class IntentCandidate(msgspec.Struct):
@@ -693,12 +694,12 @@ class TranslateController(Controller):
     tags = ["tasks"]
 
     @post(status_code=200, summary="Translate one text or a list (sentences translated as one batch)")
-    async def translate(self, state: State, data: JSONBody[TranslateRequest]) -> TranslateResponse:
+    async def translate(self, state: State, data: JSONBody[TranslateRequest]) -> Response:
         tasks = _tasks(state)
-        return await _measured(tasks, "translate", lambda t: _translate(state.server, tasks, data))
+        return await _measured(tasks, "translate", lambda t: _translate(state.server, tasks, data, t))
 
 
-async def _translate(srv: ServerState, tasks: TaskState, data: TranslateRequest) -> TranslateResponse:
+async def _translate(srv: ServerState, tasks: TaskState, data: TranslateRequest, timer: _Timed):
     cfg = tasks.settings.translation
     texts = [data.text] if isinstance(data.text, str) else list(data.text)
     if not texts:
@@ -732,18 +733,51 @@ async def _translate(srv: ServerState, tasks: TaskState, data: TranslateRequest)
             prompts.append(prompt)
             index.append(i)
     gen = Generation(srv, prompts, budgets, _params(data.temperature, data.seed))
-    outs, _ = await gen.texts()
     guard = tasks.guards["translate"]
-    hits_total: dict[str, int] = {}
-    results = []
-    for i, segs in enumerate(plans):
-        sentences = [o for o, k in zip(outs, index, strict=True) if k == i]
-        g = guard.apply(T.join(sentences, segs, langs[i][1]))
-        for k, v in g.hits.items():
-            hits_total[k] = hits_total.get(k, 0) + v
-        results.append(Translation(g.text, langs[i][0], langs[i][1], len(segs)))
-    _count_guard(tasks, "translate", hits_total)
-    return TranslateResponse(new_id("tr"), results, _guard_report(hits_total), gen.usage())
+    rid = new_id("tr")
+
+    def assemble(outs: list[str]) -> tuple[list[Translation], dict[str, int]]:
+        hits_total: dict[str, int] = {}
+        results = []
+        for i, segs in enumerate(plans):
+            sentences = [o for o, k in zip(outs, index, strict=True) if k == i]
+            g = guard.apply(T.join(sentences, segs, langs[i][1]))
+            for k, v in g.hits.items():
+                hits_total[k] = hits_total.get(k, 0) + v
+            results.append(Translation(g.text, langs[i][0], langs[i][1], len(segs)))
+        _count_guard(tasks, "translate", hits_total)
+        return results, hits_total
+
+    if not data.stream:
+        outs, _ = await gen.texts()
+        results, hits = assemble(outs)
+        return TranslateResponse(rid, results, _guard_report(hits), gen.usage())
+
+    # SSE: each sentence as soon as it is translated (sentences of one batch finish in any order), then the
+    # joined, guarded texts.
+    first_of = {i: index.index(i) for i in set(index)}
+
+    async def events():
+        parts = [[] for _ in prompts]
+        status = 200
+        try:
+            async for row, text, fin in gen.events():
+                parts[row].append(text)
+                if fin:
+                    sentence = guard.apply("".join(parts[row]).strip()).text
+                    yield _sse_event({"id": rid, "object": "translation.sentence", "text_index": index[row],
+                                      "sentence_index": row - first_of[index[row]], "translation": sentence})  # fmt: skip
+            results, hits = assemble(["".join(p) for p in parts])
+            yield _sse_event({"id": rid, "object": "translation.done", "translations": results,
+                              "guard": _guard_report(hits), "usage": gen.usage()})  # fmt: skip
+            yield DONE
+        except BaseException:
+            status = 499
+            raise
+        finally:
+            timer.done(status)
+
+    return Stream(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 @websocket("/v1/translate/stream", guards=[require_api_key])

@@ -422,3 +422,20 @@ def test_client_system_turn_is_kept_after_the_company_prompt(live):
     grown = with_sys["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
     # BPE may merge one token differently where the two texts meet.
     assert abs(grown - len(tok.encode("\n\n" + extra))) <= 1 and grown > 3
+
+
+def test_translate_stream_sse_sentences_then_the_joined_texts(live):
+    body = {"text": ["Hello there. How are you?", "Thanks!"], "source_lang": "en", "target_lang": "de"}
+    events = []
+    with httpx.stream("POST", f"{live.url}/v1/translate", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    sentences = [p for p in parsed if p["object"] == "translation.sentence"]
+    assert sorted((p["text_index"], p["sentence_index"]) for p in sentences) == [(0, 0), (0, 1), (1, 0)]
+    done = parsed[-1]
+    assert done["object"] == "translation.done"
+    full = post(live, "/v1/translate", body).json()
+    # Greedy: the streamed sentences, joined, are the JSON answer.
+    assert [t["text"] for t in done["translations"]] == [t["text"] for t in full["translations"]]
