@@ -214,7 +214,8 @@ def test_refuses_existing_output_and_bad_checkpoint(gguf_files, tmp_path, capsys
     reason="llama-cpp-python not installed (the `bench` extra; it compiles llama.cpp for ~12 minutes)",
 )
 def test_llama_cpp_greedy_matches_ours(tmp_path, tiny_checkpoint):
-    """f32 greedy generation in llama.cpp matches ours for 32 tokens (demo model when `make demo` has run)."""
+    """f32 greedy generation in llama.cpp matches ours for 32 tokens, and its tokenizer splits text as ours does
+    (demo model when `make demo` has run, else the tiny one)."""
     from llama_cpp import Llama
 
     from model.checkpoint import load_checkpoint
@@ -229,6 +230,14 @@ def test_llama_cpp_greedy_matches_ours(tmp_path, tiny_checkpoint):
     prompt = tok.encode("Hello! How do I reset my password?")
     ours = generate(load_checkpoint(ckpt), [prompt], 32, GREEDY, stop_ids=())[0].tokens
     llm = Llama(model_path=str(out), n_ctx=256, n_threads=1, logits_all=False, verbose=False)
+    # llama.cpp's own tokenizer, driven by the GGUF vocabulary, merges and `pre = gpt-2`, splits as ours does.
+    for text in (
+        "Hello! How do I reset my password?",
+        "Grüße aus Berlin!",
+        "我的手机丢了。",
+        "<|im_start|>user\nhi<|im_end|>",
+    ):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
     theirs = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
         theirs.append(token)
