@@ -86,6 +86,7 @@ class AblationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Reuse an already built dataset / tokenizer (e.g. runs/demo/...) instead of building them again.
     clean_dataset: str = ""
     tokenizer: str = ""
+    raw_dataset: str = ""  # a raw dataset a previous ablation assembled (its manifest holds the counts)
     tokenizer_vocab: int = 8192  # the demo preset's vocabulary
     tokenizer_min_frequency: int = 2
     # Dotted train-recipe keys for both runs (e.g. fewer steps for a quick look); both runs get the same.
@@ -355,12 +356,23 @@ def run(config_path: str | Path, fresh: bool = False) -> Path:
     if not cfg.raw.instruction_dedup:
         for source in raw_cfg.sources:
             source.instruction_dedup = False
-    build(raw_cfg, out / "raw" / "build", config_path=cfg.data_recipe)
-    raw_counts = assemble_raw(out / "raw" / "build", clean, out / "raw" / "dataset")
+    raw = Path(cfg.raw_dataset) if cfg.raw_dataset else out / "raw" / "dataset"
+    if cfg.raw_dataset:
+        manifest = json.loads((raw / "manifest.json").read_text())
+        abl = manifest["ablation"]
+        raw_counts = {
+            "pool": abl["pool"],
+            "train": manifest["counts"]["train"],
+            "removed_id": abl["removed_held_out_id"],
+            "removed_prompt": abl["removed_held_out_prompt"],
+        }
+    else:
+        build(raw_cfg, out / "raw" / "build", config_path=cfg.data_recipe)
+        raw_counts = assemble_raw(out / "raw" / "build", clean, raw)
     phase("raw dataset", t0)
 
     # 3. the same recipe and budget on each
-    runs = {"clean": clean, "raw": out / "raw" / "dataset"}
+    runs = {"clean": clean, "raw": raw}
     budget = []
     for name, dataset in runs.items():
         t0 = time.perf_counter()
@@ -376,7 +388,10 @@ def run(config_path: str | Path, fresh: bool = False) -> Path:
             f" rows x {train_cfg.data.seq_len} tokens"
             for st in train_cfg.stages
         ]
-        TR.train(train_cfg, fresh=fresh)
+        if TR.train(train_cfg, fresh=fresh) is None:
+            raise SystemExit(
+                f"ablation: the {name} run was stopped by a signal; run the same command to resume"
+            )
         phase(f"train {name}", t0)
 
     # 4. both on the built test split
