@@ -5,7 +5,8 @@
 Decode: milliseconds per step (one token per row) at batch 1 and 16, each row holding `--context` tokens.
 Prefill: tokens/s for one 128- and one 512-token prompt. PyTorch eager is `model.transformer` over
 `model.cache.KVCache` (what `model.generate` runs); the optimum loop is what a generic tool does: feed present
-back as past, so the cache grows by a concat every step. Without --checkpoint it uses runs/demo/checkpoint when
+back as past, so the cache grows by a concat every step. With llama-cpp-python installed (the `bench` extra),
+llama.cpp over an f32 GGUF of the same checkpoint is measured too (one sequence at a time: batch 1 only). Without --checkpoint it uses runs/demo/checkpoint when
 it exists, else a random-weight model of the demo shape (same speed, no meaningful perplexity).
 Prints the machine, the command and every time as a ratio to PyTorch eager measured in the same run. The
 implementations take turns in short blocks (warm-up call of each block not counted). Three statistics: the
@@ -17,6 +18,7 @@ medians up to 5-fold.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shlex
@@ -101,6 +103,30 @@ class Served:
 
     def decode(self, tokens, positions):
         return self.runner.decode(np.asarray(tokens), np.arange(len(tokens)), np.asarray(positions))
+
+
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python, the optional `bench` extra) over an f32 GGUF of the same checkpoint; one
+    sequence at a time, so batch 1 only."""
+
+    name = "llama.cpp f32"
+    max_batch = 1
+
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False
+        )
+
+    def prefill(self, rows):
+        self.llm.reset()
+        self.llm.eval(rows[0])
+        return self.llm.scores[self.llm.n_tokens - 1]
+
+    def decode(self, tokens, positions):
+        self.llm.eval([int(tokens[0])])
+        return self.llm.scores[self.llm.n_tokens - 1]
 
 
 class OptimumLoop:
@@ -324,28 +350,36 @@ def _times(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.thread_time() - c
 
 
-def decode_ms(impls, batch, context, steps, vocab, block: int = 8) -> list[tuple[float, float, float]]:
-    """(min wall, median wall, median CPU) ms per decode step for each implementation. Implementations take turns in blocks of
+def decode_ms(impls, batch, context, steps, vocab, block: int = 8) -> list[tuple[float, float, float] | None]:
+    """(min wall, median wall, median CPU) ms per decode step for each implementation (None where it cannot run
+    this batch size). Implementations take turns in blocks of
     `block` steps, so load drift from other processes falls on all alike; the first step of each block is not
     counted, because the previous implementation has just evicted this one's weights from the CPU caches
     (26 MB of fp32 weights at the demo shape do not fit twice)."""
     rng = np.random.default_rng(0)
     rows = rng.integers(3, vocab, (batch, context)).tolist()
     tokens = [3] * batch
-    for impl in impls:
-        impl.prefill(rows)
+    able = [batch <= getattr(impl, "max_batch", batch) for impl in impls]
+    for impl, ok in zip(impls, able, strict=True):
+        if ok:
+            impl.prefill(rows)
     times: list[list[float]] = [[] for _ in impls]
     step = [0] * len(impls)
     for _ in range(max(1, steps // block)):
         for j, impl in enumerate(impls):
+            if not able[j]:
+                continue
             for k in range(block):
                 pos = [context + step[j]] * batch
                 dt = _times(lambda impl=impl, pos=pos: impl.decode(tokens, pos))
                 step[j] += 1
                 if k:
                     times[j].append(dt)
-    out = []
+    out: list[tuple[float, float, float] | None] = []
     for t in times:
+        if not t:
+            out.append(None)
+            continue
         wall, cpu = np.array(t).T * 1e3
         out.append((float(wall.min()), float(np.median(wall)), float(np.median(cpu))))
     return out
@@ -416,6 +450,13 @@ def main() -> int:
         Served(tmp / "bundle", slots, max_len, args.threads, "model.int8.onnx", "served int8"),
         OptimumLoop(tmp / "bundle", args.threads, cfg),
     ]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from export.gguf_export import export_gguf
+
+        export_gguf(ckpt, tmp / "model.f32.gguf", weight_type="f32")
+        impls.append(LlamaCpp(tmp / "model.f32.gguf", args.threads, max_len))
+    else:
+        print("llama.cpp: not measured (llama-cpp-python not installed; `pip install '.[bench]'`)")
     rows = []
     for batch in (1, 16):
         ms = decode_ms(impls, batch, args.context, args.steps, cfg.vocab_size)
@@ -437,11 +478,11 @@ def main() -> int:
         print("| case | " + " | ".join(i.name for i in impls) + " |")
         print("|" + "---|" * (len(impls) + 1))
         for case, vals, unit in rows:
-            v = [x[stat] for x in vals]
+            v = [None if x is None else x[stat] for x in vals]
             if unit == "ms":  # ratio > 1 = faster than PyTorch eager
-                cells = [f"{x:.2f} ({v[0] / x:.2f}x)" for x in v]
+                cells = ["n/a" if x is None else f"{x:.2f} ({v[0] / x:.2f}x)" for x in v]
             else:
-                cells = [f"{x:,.0f} ({x / v[0]:.2f}x)" for x in v]
+                cells = ["n/a" if x is None else f"{x:,.0f} ({x / v[0]:.2f}x)" for x in v]
             print(f"| {case} | " + " | ".join(cells) + " |")
     q = report["int8"]
     print(
