@@ -104,38 +104,31 @@ def build_demo_model(root: Path) -> tuple[Path, Path]:
 
 
 # --- baselines ----------------------------------------------------------------------------------------------
-def bare_runner_steps(
-    bundle: Path, threads: int, prompt_ids: list[list[int]], steps: int = 64, rounds: int = 3
-) -> dict:
-    """The ONNX runner alone, greedy like the served requests, after a real prefill: per batch size the median
-    step (compared with ITL p50) and the mean rate over all rounds (compared with served tokens/s, which is a
-    mean too)."""
-    from export.runtime import OnnxRunner
+class Bare:
+    """The bare runner kept open, so it can be measured right before and after each load level: on a shared
+    machine the baseline must come from the same minutes as the served numbers it divides."""
 
-    out = {}
-    r = OnnxRunner(bundle, num_slots=16, max_len=1024, threads=threads)
-    for batch in (1, 16):
-        medians = []
-        for _ in range(rounds):
-            rows = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
-            for slot in range(batch):
-                r.release(slot)
-            logits = r.prefill(rows, list(range(batch)), [0] * batch)
-            tokens = np.asarray(logits).argmax(-1)
-            pos = np.array([len(x) for x in rows])
-            slots = np.arange(batch)
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                logits = r.decode(tokens, slots, pos)
-                times.append(time.perf_counter() - t0)
-                tokens = logits.argmax(-1)
-                pos = pos + 1
-            medians.append(times[4:])
-        all_times = [t for ts in medians for t in ts]
-        out[batch] = statistics.median(all_times)
-        out[f"rate{batch}"] = batch * len(all_times) / sum(all_times)
-    return out
+    def __init__(self, bundle: Path, threads: int, prompt_ids: list[list[int]]) -> None:
+        from export.runtime import OnnxRunner
+
+        self.runner = OnnxRunner(bundle, num_slots=16, max_len=1024, threads=threads)
+        self.prompts = prompt_ids
+
+    def measure(self, batch: int, steps: int = 48) -> tuple[float, float]:
+        """(median step seconds, mean tokens/s) of `steps` greedy decode steps after a real prefill."""
+        r = self.runner
+        rows = [self.prompts[i % len(self.prompts)] for i in range(batch)]
+        for slot in range(batch):
+            r.release(slot)
+        tokens = np.asarray(r.prefill(rows, list(range(batch)), [0] * batch)).argmax(-1)
+        pos, slots, times = np.array([len(x) for x in rows]), np.arange(batch), []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            tokens = r.decode(tokens, slots, pos).argmax(-1)
+            times.append(time.perf_counter() - t0)
+            pos = pos + 1
+        times = times[4:]
+        return statistics.median(times), batch * len(times) / sum(times)
 
 
 def transformers_generate(ckpt: Path, threads: int, prompt_ids: list[int], new: int) -> float | None:
@@ -368,6 +361,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests-per-level", type=int, default=0, help="0: max(8, 2 x concurrency)")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="sweeps; tables give medians, ratios median [min-max]"
+    )
     ap.add_argument("--write", action="store_true", help="replace the serving section of docs/BENCHMARKS.md")
     args = ap.parse_args()
     command = "PYTHONPATH=. .venv/bin/python bench/serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -388,39 +384,60 @@ def main() -> int:
     tok = Tokenizer.load(bundle)
     prompt_ids = [encode_chat(tok, [{"role": "user", "content": p}], True).ids for p in PROMPTS]
 
-    print("baseline: bare ONNX runner ...", flush=True)
-    bare_before = bare_runner_steps(bundle, args.threads, prompt_ids)
     print("baseline: transformers generate ...", flush=True)
     hf_tok_s = transformers_generate(ckpt, args.threads, prompt_ids[0], args.max_tokens)
     print("baseline: llama.cpp ...", flush=True)
     llama = llama_cpp(ckpt, tmp, args.threads, prompt_ids, args.max_tokens)
+    bare = Bare(bundle, args.threads, prompt_ids)
 
     proc, url, ready_s = start_server(bundle, args.threads, max(args.concurrency))
-    rows = []
+    per_c: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+    prof_c: dict[int, dict] = {c: {} for c in args.concurrency}
+    ratios: dict[str, list[float]] = {"itl": [], "tpot": [], "tps16": []}
+    bare_seen: dict[int, list[tuple[float, float]]] = {1: [], 16: []}
     try:
         asyncio.run(load(url, 2, 4, 8))  # warm-up: sessions, allocator, connections
-        for c in args.concurrency:
-            n = args.requests_per_level or max(8, 2 * c)
-            before = scrape_profile(url)
-            results, wall = asyncio.run(load(url, c, n, args.max_tokens))
-            after = scrape_profile(url)
-            prof = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-            rows.append((c, summarize(results, wall), prof))
-            s = rows[-1][1]
-            print(
-                f"c={c:<3} ttft p50 {s['ttft_p50_ms']:.1f} ms  itl p50 {s['itl_p50_ms']:.2f} ms  "
-                f"p99 {s['itl_p99_ms']:.2f} ms  {s['out_tok_s']:.0f} tok/s  {s['req_s']:.2f} req/s",
-                flush=True,
-            )
+        for rep in range(args.repeat):
+            for c in args.concurrency:
+                n = args.requests_per_level or max(8, 2 * c)
+                b = 1 if c == 1 else 16 if c == 16 else None
+                pre = bare.measure(b) if b else None
+                before = scrape_profile(url)
+                results, wall = asyncio.run(load(url, c, n, args.max_tokens))
+                after = scrape_profile(url)
+                post = bare.measure(b) if b else None
+                for k in after:
+                    prof_c[c][k] = prof_c[c].get(k, 0) + after.get(k, 0) - before.get(k, 0)
+                st = summarize(results, wall)
+                per_c[c].append(st)
+                if b:
+                    step = (pre[0] + post[0]) / 2
+                    rate = (pre[1] + post[1]) / 2
+                    bare_seen[b].append((step, rate))
+                    if b == 1:
+                        ratios["itl"].append(st["itl_p50_ms"] / (step * 1000))
+                        ratios["tpot"].append(st["tpot_p50_ms"] / (step * 1000))
+                    else:
+                        ratios["tps16"].append(st["out_tok_s"] / rate)
+                print(
+                    f"rep {rep} c={c:<3} ttft p50 {st['ttft_p50_ms']:.1f} ms  itl p50 {st['itl_p50_ms']:.2f} ms  "
+                    f"tpot p50 {st['tpot_p50_ms']:.2f} ms  {st['out_tok_s']:.0f} tok/s"
+                    + (f"  (bare b={b}: {step * 1000:.2f} ms, {rate:.0f} tok/s)" if b else ""),
+                    flush=True,
+                )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    # Measured before and after the load: the served numbers fall between the two in time, so both count.
-    bare_after = bare_runner_steps(bundle, args.threads, prompt_ids)
-    bare = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
-    print(f"bare runner before/after: {bare_before} / {bare_after}", flush=True)
+    rows = [
+        (c, {k: statistics.median(x[k] for x in per_c[c]) for k in per_c[c][0]}, prof_c[c]) for c in per_c
+    ]
+    bare_med = {
+        b: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+        for b, v in bare_seen.items()
+        if v
+    }
 
-    report = render(args, command, source, bare, hf_tok_s, llama, rows, ready_s)
+    report = render(args, command, source, bare_med, ratios, hf_tok_s, llama, rows, ready_s)
     print("\n" + report)
     if args.write:
         write_section(ROOT / "docs" / "BENCHMARKS.md", report)
@@ -428,29 +445,34 @@ def main() -> int:
     return 0
 
 
-def render(args, command, source, bare, hf_tok_s, llama, rows, ready_s) -> str:
-    by_c = {c: s for c, s, _ in rows}
+def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s) -> str:
+    def rng(xs: list[float]) -> str:
+        return f"**{statistics.median(xs):.2f}** [{min(xs):.2f}-{max(xs):.2f}]" if xs else "not measured"
+
     lines = [
         "## Serving (HTTP + SSE, continuous batching)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
         f"Model: {source}; ONNX runner, {args.threads} intra-op thread(s); greedy, `ignore_eos`, "
-        f"{args.max_tokens} output tokens per request; server ready {ready_s:.1f} s after start (warm start).",
+        f"{args.max_tokens} output tokens per request; {args.repeat} sweeps, medians shown; server ready "
+        f"{ready_s:.1f} s after start (warm start).",
         "",
         "| concurrency | requests | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | ITL p99 ms | output tok/s | req/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, s, _ in rows:
         lines.append(
-            f"| {c} | {s['requests']} | {s['ttft_p50_ms']:.1f} | {s['ttft_p99_ms']:.1f} | {s['tpot_p50_ms']:.2f} | "
+            f"| {c} | {s['requests']:.0f} | {s['ttft_p50_ms']:.1f} | {s['ttft_p99_ms']:.1f} | {s['tpot_p50_ms']:.2f} | "
             f"{s['itl_p50_ms']:.2f} | {s['itl_p99_ms']:.2f} | {s['out_tok_s']:.0f} | {s['req_s']:.2f} |"
         )
     lines += ["", "Baselines, same weights, same run:", ""]
-    lines.append(
-        f"- bare ONNX runner decode step: batch 1 {bare[1] * 1000:.2f} ms ({1 / bare[1]:.0f} tok/s), "
-        f"batch 16 {bare[16] * 1000:.2f} ms (mean rate {bare['rate16']:.0f} tok/s)"
-    )
+    if 1 in bare and 16 in bare:
+        lines.append(
+            f"- bare ONNX runner decode step (measured right before and after each matching load level): batch 1 "
+            f"{bare[1][0] * 1000:.2f} ms ({bare[1][1]:.0f} tok/s), batch 16 {bare[16][0] * 1000:.2f} ms "
+            f"({bare[16][1]:.0f} tok/s)"
+        )
     lines.append(f"- transformers `generate` (torch eager, batch 1): {hf_tok_s:.0f} tok/s")
     if isinstance(llama, dict):
         lines.append(
@@ -466,24 +488,24 @@ def render(args, command, source, bare, hf_tok_s, llama, rows, ready_s) -> str:
             lines.append(f"- llama.cpp 16 sequences: not measured ({llama.get('batch16_error')})")
     else:
         lines.append(f"- llama.cpp: not measured: {llama}")
-    lines += ["", "Ratios:", ""]
-    if 1 in by_c:
-        r = by_c[1]["itl_p50_ms"] / (bare[1] * 1000)
-        lines.append(
-            f"- engine overhead, ITL p50 at concurrency 1 / bare step at batch 1: **{r:.2f}** (required <= 1.2)"
-        )
-        r = by_c[1]["tpot_p50_ms"] / (bare[1] * 1000)
-        lines.append(
-            f"- the same with TPOT p50 (immune to tokens arriving together in one read): **{r:.2f}**"
-        )
-    if 16 in by_c:
-        r = by_c[16]["out_tok_s"] / bare["rate16"]
-        lines.append(
-            f"- served output tok/s at concurrency 16 / bare batch-16 rate: **{r:.2f}** (required >= 0.8)"
-        )
+    by_c = {c: s for c, s, _ in rows}
+    lines += [
+        "",
+        "Ratios (each sweep against the bare runner measured beside it; median [min-max] over sweeps):",
+        "",
+    ]
+    lines.append(
+        f"- engine overhead, ITL p50 at concurrency 1 / bare step at batch 1: {rng(ratios['itl'])} (required <= 1.2)"
+    )
+    lines.append(
+        f"- the same with TPOT p50 (immune to tokens arriving together in one read): {rng(ratios['tpot'])}"
+    )
+    lines.append(
+        f"- served output tok/s at concurrency 16 / bare batch-16 rate: {rng(ratios['tps16'])} (required >= 0.8)"
+    )
     if 1 in by_c and hf_tok_s:
         lines.append(
-            f"- served single stream vs transformers generate: {1000 / by_c[1]['itl_p50_ms'] / hf_tok_s:.1f}x"
+            f"- served single stream / transformers generate: {1000 / by_c[1]['tpot_p50_ms'] / hf_tok_s:.1f}x"
         )
     if isinstance(llama, dict) and 1 in by_c:
         lines.append(
@@ -493,17 +515,15 @@ def render(args, command, source, bare, hf_tok_s, llama, rows, ready_s) -> str:
         ratio = by_c[16]["out_tok_s"] / (16 / llama["batch16_step_s"])
         lines.append(
             f"- served tok/s at concurrency 16 / llama.cpp batched decode of 16 (no HTTP, no prefill): {ratio:.2f} "
-            "(goal: >= 1.2x llama.cpp's server, which adds HTTP and prefill to this)"
+            "(goal: >= 1.2x llama.cpp's server, which adds HTTP and prefill to this; its server was not run)"
         )
     lines += [
         "",
-        "Per-step profile from `/metrics` (`instructlm_engine_step_seconds_total{phase}`), ms per step:",
+        "Per-step profile from `/metrics` (`instructlm_engine_step_seconds_total{phase}`), ms per step, all sweeps:",
         "",
+        "| concurrency | steps | tokens/step | schedule | prefill | decode | update (sample, detok, emit) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines.append(
-        "| concurrency | steps | tokens/step | schedule | prefill | decode | update (sample, detok, emit) |"
-    )
-    lines.append("|---:|---:|---:|---:|---:|---:|---:|")
     for c, _, p in rows:
         steps = max(p.get("steps", 0), 1)
         lines.append(
