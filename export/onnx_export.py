@@ -535,10 +535,14 @@ def export_bundle(
         if quantize == "int8":
             t = time.perf_counter()
             say("quantizing MatMul weights to int8")
-            quantize_int8(
-                raw, tmp / SERVED_INT8, threads
-            )  # from the plain-ONNX export: the quantizer needs standard ops to infer types
+            # From the traced graph, not the optimized one: the quantizer infers types over standard ops only.
+            quantize_int8(raw, tmp / SERVED_INT8, threads)
             timings["quantize_s"] = time.perf_counter() - t
+        if not (checkpoint / "generation_config.json").is_file():
+            # Checkpoints written elsewhere may lack it; the service reads its stop tokens from it.
+            gen = {"do_sample": False, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            shutil.copyfile(tmp / "generation_config.json", tmp / "optimum" / "generation_config.json")
         for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)

@@ -247,6 +247,15 @@ def test_checkpoint_without_tokenizer(tiny_checkpoint, tmp_path, capsys):
     assert "tokenizer.json missing" in capsys.readouterr().err
 
 
+def test_checkpoint_without_generation_config_gets_one(tiny_checkpoint, tmp_path, tiny_config):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "generation_config.json").unlink()
+    assert main(["export", "onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b")]) == 0
+    gen = json.loads((tmp_path / "b" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tiny_config.eos_token_id and gen["do_sample"] is False
+
+
 def test_bad_val_data_names_file_and_line(tiny_checkpoint, tmp_path, capsys):
     val = tmp_path / "val.jsonl"
     val.write_text('{"text": "fine"}\n{"text": broken\n')
