@@ -491,9 +491,8 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s) 
     by_c = {c: s for c, s, _ in rows}
     lines += [
         "",
-        "Ratios (each sweep against the bare runner measured beside it; median [min-max] over sweeps). On a",
-        "shared machine the ranges are wide: the same bare decode step at batch 16 moved between 9 and 13 ms",
-        "from one second to the next while this was written.",
+        "Ratios (each sweep against the bare runner measured beside it; median [min-max] over sweeps). The",
+        "machine is shared with other jobs: the ranges show how far the same ratio moved from sweep to sweep.",
         "",
     ]
     lines.append(
