@@ -129,6 +129,154 @@ class LlamaCpp:
         return self.llm.scores[self.llm.n_tokens - 1]
 
 
+class _GQAOp:
+    """com.microsoft GroupQueryAttention as a traceable op: forward only gives the tracer shapes."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class Op(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, heads, kv_heads):
+                return q.clone(), past_k.clone(), past_v.clone()
+
+            @staticmethod
+            def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, heads, kv_heads):
+                return g.op(
+                    "com.microsoft::GroupQueryAttention",
+                    q,
+                    k,
+                    v,
+                    past_k,
+                    past_v,
+                    seqlens_k,
+                    total_len,
+                    num_heads_i=heads,
+                    kv_num_heads_i=kv_heads,
+                    outputs=3,
+                )
+
+        return Op
+
+
+class GQAPrototype:
+    """Design A of issue 7 as a whole decoder, for measurement only: every layer's attention is onnxruntime's
+    GroupQueryAttention reading and writing a [rows, KV, max_len, D] buffer in place (present bound to past).
+    Batch row b is buffer row b, every row has the same length: the restrictions the served graph avoids."""
+
+    name = "GQA graph (prototype)"
+
+    def __init__(self, model, tmp: Path, threads: int, max_len: int, rows: int):
+        import warnings
+
+        import onnxruntime as ort
+        import torch
+
+        from export.graphs import _project_qkv
+
+        op = _GQAOp.make()
+        cfg = model.config
+        n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+
+        class Graph(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m  # a submodule, so its weights export as initializers
+
+            def forward(self, input_ids, position_ids, seqlens_k, total_len, *past):
+                model = self.m
+                b, s = input_ids.shape
+                cos, sin = model.rope_cos[position_ids], model.rope_sin[position_ids]
+                x, presents = model.embed_tokens(input_ids), []
+                for i, layer in enumerate(model.layers):
+                    q, k, v = _project_qkv(layer, layer.input_layernorm(x), cos, sin)
+                    # [B, heads, S, D] -> [B, S, heads*D], GQA's layout
+                    q, k, v = (t.transpose(1, 2).reshape(b, s, -1) for t in (q, k, v))
+                    out, pk, pv = op.apply(
+                        q,
+                        k,
+                        v,
+                        past[2 * i],
+                        past[2 * i + 1],
+                        seqlens_k,
+                        total_len,
+                        cfg.num_attention_heads,
+                        kv,
+                    )
+                    h = x + layer.self_attn.o_proj(out)
+                    x = h + layer.mlp(layer.post_attention_layernorm(h))
+                    presents += [pk, pv]
+                return (model.lm_head(model.norm(x)[:, -1:]), *presents)
+
+        past_names = [f"past_{k}.{i}" for i in range(n) for k in ("key", "value")]
+        self.present = [f"present_{k}.{i}" for i in range(n) for k in ("key", "value")]
+        names_in = ["input_ids", "position_ids", "seqlens_k", "total_len", *past_names]
+        dyn = {"input_ids": {0: "B", 1: "S"}, "position_ids": {0: "B", 1: "S"}, "seqlens_k": {0: "B"}}
+        dyn.update({name: {0: "B"} for name in [*past_names, *self.present, "logits"]})
+        args = (
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.full((2, 1), 4),
+            torch.full((2,), 4, dtype=torch.int32),
+            torch.tensor(5, dtype=torch.int32),
+            *[torch.zeros(2, kv, max_len, d) for _ in range(2 * n)],
+        )
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                Graph(model).eval(),
+                args,
+                str(tmp / "gqa.onnx"),
+                input_names=names_in,
+                output_names=["logits", *self.present],
+                dynamic_axes=dyn,
+                opset_version=17,
+                dynamo=False,
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.ort = ort
+        self.sess = ort.InferenceSession(str(tmp / "gqa.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.past_names = past_names
+        self.k = np.zeros((n, rows, kv, max_len, d), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.vocab = cfg.vocab_size
+        self.b = -1
+
+    def _bind(self, b):
+        if b == self.b:
+            return
+        self.io = self.sess.io_binding()
+        for j, name in enumerate(self.past_names):
+            cache = self.k if j % 2 == 0 else self.v
+            ov = self.ort.OrtValue.ortvalue_from_numpy(cache[j // 2][:b])  # rows 0..b-1: a contiguous view
+            self.io.bind_ortvalue_input(name, ov)
+            self.io.bind_ortvalue_output(self.present[j], ov)  # written in place
+        self.logits = np.empty((b, 1, self.vocab), np.float32)
+        self.io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.b = b
+
+    def _run(self, ids, pos, seqlens, total):
+        self.io.bind_cpu_input("input_ids", ids)
+        self.io.bind_cpu_input("position_ids", pos)
+        self.io.bind_cpu_input("seqlens_k", seqlens.astype(np.int32))
+        self.io.bind_cpu_input("total_len", np.array(total, np.int32))
+        self.sess.run_with_iobinding(self.io)
+        return self.logits[:, 0].copy()
+
+    def prefill(self, rows):
+        ids = np.asarray(rows, np.int64)
+        b, s = ids.shape
+        self._bind(b)
+        return self._run(ids, np.tile(np.arange(s), (b, 1)), np.full(b, s - 1), s)
+
+    def decode(self, tokens, positions):
+        pos = np.asarray(positions, np.int64)
+        self._bind(len(pos))
+        return self._run(np.asarray(tokens, np.int64)[:, None], pos[:, None], pos, int(pos.max()) + 1)
+
+
 class OptimumLoop:
     """A bare onnxruntime loop over optimum/model.onnx: past in, present out, fed back next step."""
 
@@ -450,6 +598,7 @@ def main() -> int:
         Served(tmp / "bundle", slots, max_len, args.threads, "model.int8.onnx", "served int8"),
         OptimumLoop(tmp / "bundle", args.threads, cfg),
     ]
+    impls.append(GQAPrototype(model, tmp, args.threads, max_len, slots))
     if importlib.util.find_spec("llama_cpp") is not None:
         from export.gguf_export import export_gguf
 
@@ -484,6 +633,12 @@ def main() -> int:
             else:
                 cells = ["n/a" if x is None else f"{x:,.0f} ({x / v[0]:.2f}x)" for x in v]
             print(f"| {case} | " + " | ".join(cells) + " |")
+    probe = [np.random.default_rng(9).integers(3, cfg.vocab_size, 24).tolist()]
+    gqa = next(i for i in impls if isinstance(i, GQAPrototype))
+    print(
+        f"\nGQA prototype vs served fp32, logits of a 24-token prompt: max |diff| "
+        f"{float(np.abs(gqa.prefill(probe) - impls[1].prefill(probe)).max()):.1e}"
+    )
     q = report["int8"]
     print(
         f"\nint8: file {q['size_ratio']:.2f}x the fp32 size; served fp32 parity "

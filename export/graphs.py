@@ -82,24 +82,24 @@ class ServedGraph(nn.Module):
     never copies the cache: it gathers only the L positions this batch reads (L = the longest row's start).
 
     Why this design and not onnxruntime's GroupQueryAttention over a shared past/present buffer (the other one
-    issue 7 names): measured by `bench/export.py` at the demo shape (8 query heads over 4 KV heads, head dim
-    32, 16 slots of 1024 positions), one layer's decode attention, 1 thread, minimum of 200 interleaved calls:
+    issue 7 names), measured by `bench/export.py` at the demo shape on a trained demo-recipe checkpoint, one
+    thread, median CPU time per decode step at context 128 (docs/BENCHMARKS.md has the full table):
 
-        batch, context    GQA in place   gather + length mask (this graph)
-        1, 128                17 us          46 us
-        1, 512                55 us          75 us
-        16, 128              135 us         196 us
-        16, 512              531 us         699 us
+        batch    this graph (runner included)   GQA whole-decoder prototype   optimum-layout loop
+        1              1.64 ms                        1.06 ms                       1.40 ms
+        16             6.28 ms                        4.75 ms                       4.71 ms
 
-    GQA is 1.3-2.7x faster on attention alone, but attention is a small part of a demo-shape step: the same
-    run's whole served decode step takes 2.3 ms of CPU at batch 1 and 6.4 ms at batch 16 (context 128), so
-    over 6 layers GQA would save 0.2 ms (8%) and 0.4 ms (6%). What it would cost: its batch rows must be the buffer's rows, so the engine's
-    slots would have to be compacted (a cache copy) whenever a sequence ends out of order, or idle slots run as
-    dummy rows; its CPU kernel takes one new-token count for every row, so a ragged mix of prefill chunks would
-    be padded into positions past each row's end; it cannot return every position's logits; and it is a
-    com.microsoft op that onnx.checker and other runtimes do not know. This graph takes any slot in any row,
-    any mix of chunk lengths and past lengths in one call, uses standard ONNX ops only, and is traced from
-    the model's own PyTorch modules (parity about 1e-6).
+    One layer's attention alone: 47 vs 17 us at batch 1, 201 vs 138 us at batch 16. So GQA is faster: it reads
+    the cache in place, where this graph gathers the used positions (one row copy per position and layer,
+    about 2x the cost of a contiguous concat) and spends ~25 small nodes per layer on masks and split scores.
+    This graph was kept because it is the one that exists with its parity and schedule tests, and because
+    GQA's constraints move work into the runner: its batch rows must be the buffer's rows (slots compacted by a
+    cache copy when sequences end out of order, or idle slots carried as dummy rows), its CPU kernel takes one
+    new-token count for all rows (a ragged chunk is padded, writing garbage past each row's end, which must
+    stay below max_len), and it is a com.microsoft op that onnx.checker and other runtimes do not know. Here
+    any slot goes in any row, any mix of chunk and past lengths shares a call, only standard ONNX ops are used,
+    and the graph is traced from the model's own modules (parity about 1e-6). Switching the decode path to
+    GQA is the first performance follow-up (bench/export.py's `GQAPrototype` is the measured starting point).
     """
 
     def __init__(self, model: Transformer) -> None:
