@@ -28,7 +28,7 @@ from model.errors import ConfigError
 
 DEFAULT_CONFIG = "configs/train/ablation.toml"
 # Lower is better for these; every other reported metric is higher-is-better.
-LOWER_IS_BETTER = {"ppl", "repetition_4", "self_bleu"}
+LOWER_IS_BETTER = {"ppl", "repetition_4", "self_bleu", "empty"}
 REPORTED = [
     "ppl",
     "bleu",
@@ -41,6 +41,7 @@ REPORTED = [
     "repetition_4",
     "self_bleu",
     "stopped",
+    "empty",
 ]
 
 
@@ -276,7 +277,7 @@ def write_report(
         "Metrics as in `instructlm eval` (training/evaluate.py): ppl is token-weighted perplexity of the answer "
         "tokens; bleu/chrf sacrebleu (zh tokenization for Chinese targets); rouge* F x100 with CJK kept; "
         "distinct_n, repetition_4 (seq-rep-4), self_bleu on the greedy answers; stopped = share of answers that "
-        "ended with the end-of-turn token within the budget. With a 6.5M-parameter model trained for minutes, "
+        "ended with the end-of-turn token within the budget; empty = share of empty answers. With a model this small trained for minutes on a CPU, "
         "generation metrics are small and noisy; perplexity is the steadier signal.",
         "",
         "## Data",

@@ -255,22 +255,24 @@ def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
 
 
 def distinct_n(texts: Iterable[str], n: int) -> float:
-    """Distinct unique n-grams / all n-grams over the whole set of generations (Li et al. 2016)."""
+    """Distinct unique n-grams / all n-grams over the whole set of generations (Li et al. 2016); NaN when there
+    is no n-gram at all (empty answers are not "diverse" or "repetitive": the report shows them as `empty`)."""
     grams: list[tuple[str, ...]] = []
     for text in texts:
         grams.extend(ngrams(words(text), n))
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return len(set(grams)) / len(grams) if grams else float("nan")
 
 
 def repetition_rate(texts: Iterable[str], n: int = 4) -> float:
     """seq-rep-n (Welleck et al. 2019): per generation the share of its n-grams that repeat an n-gram already
-    in it, averaged over generations with at least one n-gram. 0 = no loops; a degenerate loop tends to 1."""
+    in it, averaged over generations with at least one n-gram (NaN when none has one). 0 = no loops; a
+    degenerate loop tends to 1."""
     rates = []
     for text in texts:
         grams = ngrams(words(text), n)
         if grams:
             rates.append(1.0 - len(set(grams)) / len(grams))
-    return sum(rates) / len(rates) if rates else 0.0
+    return sum(rates) / len(rates) if rates else float("nan")
 
 
 def self_bleu(texts: Sequence[str], max_texts: int = 200) -> float:
@@ -365,6 +367,7 @@ def _diversity(samples: list[Sample], ctx: EvalContext) -> dict[str, Any]:
         "repetition_4": repetition_rate(texts, 4),
         "self_bleu": self_bleu(texts),
         "gen_words": sum(len(words(t)) for t in texts) / max(len(texts), 1),
+        "empty": sum(not words(t) for t in texts) / max(len(texts), 1),
         "stopped": sum(s.finish_reason == "stop" for s in samples) / max(len(samples), 1),
     }
 
@@ -560,7 +563,7 @@ def plot(result: EvalResult, out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     percent = ["bleu", "chrf", "rouge1", "rouge2", "rougeL", "self_bleu"]
-    ratio = ["distinct_1", "distinct_2", "repetition_4", "stopped"]
+    ratio = ["distinct_1", "distinct_2", "repetition_4", "stopped", "empty"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, keys, label in ((axes[0], percent, "score (0-100)"), (axes[1], ratio, "ratio (0-1)")):
         present = [k for k in keys if any(k in r for r in result.per_task.values())]
@@ -618,7 +621,7 @@ def write_report(result: EvalResult, out_dir: str | Path, examples: int = 3) -> 
         "ppl: token-weighted perplexity of the answer tokens (text: all tokens). bleu/chrf: sacrebleu, mean over "
         "target languages (per language in bleu_xx). rouge*: F-measure x100, CJK characters kept. distinct_n: "
         "unique n-grams / n-grams. repetition_4: seq-rep-4. self_bleu: BLEU of each answer against the others. "
-        "stopped: share of answers that ended with a stop token within the budget.",
+        "stopped: share of answers that ended with a stop token within the budget. empty: share of empty answers.",
         "",
     ]
     if info.get("signatures"):

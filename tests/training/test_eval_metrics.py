@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from training.evaluate import (
@@ -67,14 +69,15 @@ def test_distinct_n_counts_unique_ngrams_over_all_generations():
     texts = ["a b a b", "a b c"]
     assert distinct_n(texts, 1) == pytest.approx(3 / 7)  # a b a b a b c
     assert distinct_n(texts, 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc
-    assert distinct_n([""], 1) == 0.0
+    assert math.isnan(distinct_n([""], 1))  # no n-gram: undefined, not "no diversity"
 
 
 def test_repetition_rate_is_seq_rep_4_averaged():
     loop = "a b c d a b c d a b c d"  # 9 four-grams, 4 distinct -> 5/9 repeat
     assert repetition_rate([loop]) == pytest.approx(5 / 9)
     assert repetition_rate([loop, "x y z w v"]) == pytest.approx(5 / 18)
-    assert repetition_rate(["too short"]) == 0.0  # no 4-gram: not counted
+    assert repetition_rate([loop, "too short"]) == pytest.approx(5 / 9)  # no 4-gram: not counted
+    assert math.isnan(repetition_rate(["too short", ""]))  # empty answers do not score as "no repetition"
 
 
 def test_self_bleu_is_100_for_copies_and_0_for_disjoint_texts():
