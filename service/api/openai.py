@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from service.api import protocol as P
@@ -275,7 +275,7 @@ class ModelsController(Controller):
         )
 
     @get("/{model_id:str}", summary="One model")
-    async def get_model(self, state: State, model_id: str) -> P.ModelCard:
+    async def get_model(self, state: State, model_id: FromPath[str]) -> P.ModelCard:
         srv = _server(state)
         srv.check_model(model_id)
         return P.ModelCard(id=srv.model_name, created=srv.created, max_model_len=srv.max_len or None)
