@@ -41,13 +41,13 @@ format: install ## apply ruff format and the safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-serve: install ## build the demo model if needed (make demo), then serve it on 127.0.0.1:8000
 demo: install ## data -> tokenizer -> pretrain + SFT (<= 5 min on 2 cores) -> val loss vs unigram, samples -> ONNX bundle (runs/demo)
 	@test -f $(RUN)/dataset/manifest.json || $(BIN)/instructlm data build --config configs/data/demo.toml --out $(RUN)/dataset
 	@test -f $(RUN)/tokenizer/tokenizer.json || $(BIN)/instructlm tokenizer train --dataset $(RUN)/dataset --vocab-size 8192 --out $(RUN)/tokenizer
 	$(BIN)/instructlm train --config configs/train/demo.toml
 	$(BIN)/instructlm export onnx --checkpoint $(RUN)/checkpoint --out $(RUN)/bundle --quantize int8 --val-data $(RUN)/dataset/val.jsonl --force
 
+serve: install ## build the demo model if needed (make demo), then serve it on 127.0.0.1:8000
 	@if [ ! -f $(RUN)/bundle/model.onnx ]; then echo "make serve: $(RUN)/bundle is missing; building it with make demo"; $(MAKE) demo; fi
 	$(BIN)/instructlm serve --config configs/serve/default.toml --model $(RUN)/bundle
 
