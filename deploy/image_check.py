@@ -40,6 +40,23 @@ def post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def written_since(t0: float, skip: tuple[str, ...]) -> list[str]:
+    """Paths under / modified after t0, outside the `skip` trees."""
+    found = []
+    for root, dirs, files in os.walk("/"):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+        for name in files + dirs:
+            path = os.path.join(root, name)
+            if path in skip:
+                continue
+            try:
+                if os.lstat(path).st_mtime > t0:
+                    found.append(path)
+            except OSError:
+                continue
+    return sorted(found)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -71,6 +88,16 @@ def main() -> int:
     except ImportError:
         check(True, "torch is absent from the CPU image")
 
+    # Without a bundle the server refuses to start, with one line naming the path (the CLI's user-error exit 2).
+    done = subprocess.run(
+        args.entrypoint, env={**env, "INSTRUCTLM_MODEL": "/app"}, capture_output=True, text=True, timeout=60
+    )
+    check(
+        done.returncode == 2 and "/app" in done.stderr and "bundle" in done.stderr,
+        f"no bundle: exit {done.returncode}, {done.stderr.strip()[-120:]!r}",
+    )
+
+    started = time.time() - 1  # mtime granularity
     server = subprocess.Popen(args.entrypoint, env=env)
     try:
         t0 = time.monotonic()
@@ -171,6 +198,13 @@ def main() -> int:
         if server.poll() is None:
             server.kill()
             server.wait()
+    # The chart runs the pod with a read-only root and emptyDir volumes at /tmp and the cache directory: the
+    # server must have written nowhere else.
+    # /etc/hostname, hosts and resolv.conf are the container runtime's (Kubernetes mounts its own there too).
+    runtime_files = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+    skip = ("/proc", "/sys", "/dev", "/run", "/check", "/tmp", "/var/tmp", *runtime_files)
+    written = written_since(started, skip=skip)
+    check(not written, f"wrote nothing outside /tmp (a read-only root suffices): {written[:5]}")
     print(f"image check: {'all passed' if not failures else f'{len(failures)} failed'}", flush=True)
     return 1 if failures else 0
 
