@@ -749,6 +749,7 @@ def run_stage(
         "nonfinite_steps": nonfinite_total,
         "world_size": info.world_size,
         "data": data.summary,
+        "train_config": _comparable_config(cfg),
     }
     if info.is_main:
         from model.checkpoint import save_checkpoint
@@ -807,9 +808,16 @@ def train(cfg: TrainConfig, fresh: bool = False) -> dict[str, Any] | None:
             for i, stage in enumerate(cfg.stages):
                 done = stage_done(cfg, stage)
                 if done is not None:
+                    previous = json.loads((done / "stage_summary.json").read_text())
+                    changes = config_changes(previous.get("train_config", {}), _comparable_config(cfg))
+                    if "train_config" in previous and changes:
+                        raise ConfigError(
+                            f"{stage} was completed in {done} with another config ({'; '.join(changes)}); pass "
+                            "--fresh to train again, or set out_dir to a new directory"
+                        )
                     if info.is_main:
                         log.info("%s: already complete (%s); skipping", stage, done)
-                    summaries.append(json.loads((done / "stage_summary.json").read_text()))
+                    summaries.append(previous)
                 else:
                     summary = run_stage(cfg, stage, i, tokenizer, config, info, init_state, stop)
                     if summary is None:

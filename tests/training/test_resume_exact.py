@@ -189,3 +189,17 @@ def test_resume_after_the_last_checkpoint_only_finishes_the_stage(short_run):
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 9))
     again = load_file(ckpt_dir.parents[2] / "checkpoint/model.safetensors")
     assert all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_completed_stage_is_skipped_only_with_the_same_config(
+    tmp_path, train_dataset, tokenizer_dir, torch_threads
+):
+    path = write_config(tmp_path / "t.toml", train_dataset, tokenizer_dir, tmp_path / "out", steps=2)
+    path.write_text(path.read_text().replace('stages = ["pretrain", "sft"]', 'stages = ["sft"]'))
+    first = TR.train(TR.load_config(path))
+    again = TR.train(TR.load_config(path, {"run.log_every": 5}))  # a logging key: skipped, same result
+    assert again["stages"][0]["val_loss"] == first["stages"][0]["val_loss"]
+    with pytest.raises(
+        ConfigError, match=r"sft was completed in .* with another config \(sft\.steps: 2 -> 3\)"
+    ):
+        TR.train(TR.load_config(path, {"sft.steps": 3}))
