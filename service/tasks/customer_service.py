@@ -88,7 +88,8 @@ def runner_scorer(runner, slots: Sequence[int]) -> Scorer:
         if any(r[:prompt_len] != prompt or len(r) <= prompt_len for r in rows):
             raise ValueError("every row must extend the shared prompt by at least one token")
         try:
-            first = np.asarray(runner.prefill([prompt], use[:1], [0]))[0]  # predicts each row's first label token
+            # The prompt's last-position logits predict every row's first label token.
+            first = np.asarray(runner.prefill([prompt], use[:1], [0]))[0]
             for s in use[1:]:
                 runner.copy_prefix(use[0], s, prompt_len)
             conts = [r[prompt_len:] for r in rows]
