@@ -67,6 +67,41 @@ def nearest_neighbour(train: list[tuple[str, str]], queries: list[str]) -> list[
     return out
 
 
+def retrieval_recall(seed_dir: Path, encoder: str | Path | None = None, threads: int = 1) -> dict[str, Any]:
+    """Recall@1/@3 of the FAQ paraphrases: BM25, and with an encoder directory also hybrid and dense alone."""
+    faq = [
+        json.loads(line) for line in (seed_dir / "faq.jsonl").read_text(encoding="utf-8").splitlines() if line
+    ]
+    queries = [(p, row["id"]) for row in faq for p in row["paraphrases"]]
+
+    def recall(kb: KnowledgeBase, min_score: float = 0.0) -> tuple[float, float]:
+        ranks = [[h.entry.id for h in kb.search(q, k=3, min_score=min_score)] for q, _ in queries]
+        at1 = float(np.mean([r[:1] == [i] for r, (_, i) in zip(ranks, queries, strict=True)]))
+        return at1, float(np.mean([i in r for r, (_, i) in zip(ranks, queries, strict=True)]))
+
+    kb = KnowledgeBase.load(seed_dir / "faq.jsonl")
+    r1, r3 = recall(kb)
+    out: dict[str, Any] = {
+        "queries": len(queries),
+        "entries": len(kb.entries),
+        "recall_at_1": r1,
+        "recall_at_3": r3,
+        "baseline_chance_at_1": 1 / len(kb.entries),
+        "baseline_chance_at_3": 3 / len(kb.entries),
+    }
+    if encoder:
+        from service.tasks.encoder import SentenceEncoder
+        from service.tasks.retrieval import DENSE_WEIGHT
+
+        enc = SentenceEncoder(encoder, threads=threads)
+        for name, weight in (("hybrid", DENSE_WEIGHT), ("dense", 1.0)):
+            # Cosines can be negative: every entry ranks, as in BM25 every entry with a shared term does.
+            a1, a3 = recall(KnowledgeBase.load(seed_dir / "faq.jsonl", enc, weight), min_score=-2.0)
+            out[f"{name}_recall_at_1"] = a1
+            out[f"{name}_recall_at_3"] = a3
+    return out
+
+
 def reliability_png(probs_before, probs_after, labels, path: Path) -> None:
     import matplotlib
 
@@ -207,36 +242,7 @@ def run_task_eval(
     reliability_png(p1, pt, test_y, out_dir / "intent_reliability.png")
 
     # --- retrieval ------------------------------------------------------------------------------------------
-    faq = [
-        json.loads(line) for line in (seed_dir / "faq.jsonl").read_text(encoding="utf-8").splitlines() if line
-    ]
-    queries = [(p, row["id"]) for row in faq for p in row["paraphrases"]]
-
-    def recall(kb: KnowledgeBase, min_score: float = 0.0) -> tuple[float, float]:
-        ranks = [[h.entry.id for h in kb.search(q, k=3, min_score=min_score)] for q, _ in queries]
-        at1 = float(np.mean([r[:1] == [i] for r, (_, i) in zip(ranks, queries, strict=True)]))
-        return at1, float(np.mean([i in r for r, (_, i) in zip(ranks, queries, strict=True)]))
-
-    kb = KnowledgeBase.load(seed_dir / "faq.jsonl")
-    r1, r3 = recall(kb)
-    results["retrieval"] = {
-        "queries": len(queries),
-        "entries": len(kb.entries),
-        "recall_at_1": r1,
-        "recall_at_3": r3,
-        "baseline_chance_at_1": 1 / len(kb.entries),
-        "baseline_chance_at_3": 3 / len(kb.entries),
-    }
-    if encoder:
-        from service.tasks.encoder import SentenceEncoder
-        from service.tasks.retrieval import DENSE_WEIGHT
-
-        enc = SentenceEncoder(encoder, threads=threads)
-        for name, weight in (("hybrid", DENSE_WEIGHT), ("dense", 1.0)):
-            # Cosines can be negative: every entry ranks, as in BM25 every entry with a shared term does.
-            a1, a3 = recall(KnowledgeBase.load(seed_dir / "faq.jsonl", enc, weight), min_score=-2.0)
-            results["retrieval"][f"{name}_recall_at_1"] = a1
-            results["retrieval"][f"{name}_recall_at_3"] = a3
+    results["retrieval"] = retrieval_recall(seed_dir, encoder, threads)
 
     model = runner.model
     stop = tokenizer.stop_ids

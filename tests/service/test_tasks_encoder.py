@@ -106,3 +106,25 @@ def test_missing_encoder_files_are_a_clear_error(tmp_path):
     with pytest.raises(EncoderError, match="no encoder.onnx"):
         SentenceEncoder(tmp_path)
     assert main(["encoder", "export", "--model-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_task_eval_dense_recall_matches_a_cosine_ranking(encoder_dir):
+    from pathlib import Path
+
+    from service.tasks.evaluate import retrieval_recall
+
+    seed = Path(__file__).resolve().parents[2] / "data" / "seed"
+    got = retrieval_recall(seed, encoder_dir)
+    rows = [json.loads(line) for line in (seed / "faq.jsonl").read_text().splitlines()]
+    enc = SentenceEncoder(encoder_dir)
+    docs = enc.encode([f"{r['question']} {r['answer']}" for r in rows])
+    queries = [(p, n) for n, r in enumerate(rows) for p in r["paraphrases"]]
+    sims = enc.encode([q for q, _ in queries]) @ docs.T
+    top = np.argsort(-sims, axis=1, kind="stable")
+    assert got["dense_recall_at_1"] == pytest.approx(
+        np.mean([t[0] == n for t, (_, n) in zip(top, queries, strict=True)])
+    )
+    assert got["dense_recall_at_3"] == pytest.approx(
+        np.mean([n in t[:3] for t, (_, n) in zip(top, queries, strict=True)])
+    )
+    assert 0 <= got["hybrid_recall_at_1"] <= got["hybrid_recall_at_3"] <= 1 and got["queries"] == 162
