@@ -247,9 +247,9 @@ class Grouper:
         self.cfg = cfg
         # Characters: 24 bands of 4 rows, a pair at Jaccard 0.5 is a candidate with probability 1 - (1 - 0.5^4)^24
         # = 0.79 (0.6: 0.96, 0.15: 0.012). Words: 32 bands of 3 rows, 0.5 → 0.986 (0.15: 0.10); short texts that
-        # are similar share most words, so the word index carries the recall. Character 3-grams with 3 rows made
-        # 1.8x the false candidates, growing with the index (clustering 11 s instead of 3.9 s of CPU at 60k
-        # bench records); words with 4 rows let a ROUGE-L 0.73 pair of the demo through.
+        # are similar share most words, so the word index carries the recall. CPU for clustering 60k bench
+        # records: 11.0 s with 3 rows in both, 9.4 s with this, 3.9 s with 4 rows in both, but words at 4 rows
+        # let a ROUGE-L 0.73 pair of the demo through (tests/training/test_data_leaks.py).
         self.by_char = BandIndex(cfg.num_perm, 4)
         self.by_word = BandIndex(cfg.num_perm, 3)
         self.ids: list[str] = []
