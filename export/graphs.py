@@ -82,14 +82,14 @@ class ServedGraph(nn.Module):
     never copies the cache: it gathers only the L positions this batch reads (L = the longest row's start).
 
     Why this design and not onnxruntime's GroupQueryAttention over a shared past/present buffer (the other one
-    issue 7 names), measured by `bench/export.py` at the demo shape on a trained demo-recipe checkpoint, one
-    thread, median CPU time per decode step at context 128 (docs/BENCHMARKS.md has the full table):
+    issue 7 names), measured by `bench/export.py` on the demo model, one thread, median CPU time per decode
+    step at context 128 (docs/BENCHMARKS.md has the full table):
 
         batch    this graph (runner included)   GQA whole-decoder prototype   optimum-layout loop
-        1              1.64 ms                        1.06 ms                       1.40 ms
-        16             6.28 ms                        4.75 ms                       4.71 ms
+        1              1.57 ms                        1.03 ms                       1.27 ms
+        16             5.53 ms                        4.40 ms                       4.04 ms
 
-    One layer's attention alone: 47 vs 17 us at batch 1, 201 vs 138 us at batch 16. So GQA is faster: it reads
+    One layer's attention alone: 46 vs 17 us at batch 1, 193 vs 133 us at batch 16. So GQA is faster: it reads
     the cache in place, where this graph gathers the used positions (one row copy per position and layer,
     about 2x the cost of a contiguous concat) and spends ~25 small nodes per layer on masks and split scores.
     This graph was kept because it is the one that exists with its parity and schedule tests, and because
