@@ -256,11 +256,13 @@ def write_report(
         "## Result",
         "",
     ]
+    if facts.get("note"):
+        lines += [facts["note"], ""]
     if "ppl" in ov:
         a, b = ov["ppl"]
         lines.append(
             f"Overall test perplexity: **{a:.2f}** trained on the built dataset vs **{b:.2f}** on the raw sources "
-            f"({(b - a) / b * 100:+.1f}% for the built dataset relative to raw; lower is better)."
+            f"({abs(b - a) / b * 100:.1f}% {'lower' if a <= b else 'higher'} for the built dataset; lower is better)."
         )
     lines += [
         f"Across the {len(rows)} task x metric cells below the built dataset is better in {wins['clean']}, the raw "
@@ -433,6 +435,10 @@ def run(config_path: str | Path, fresh: bool = False) -> Path:
         "raw_val": raw_val,
         "overrides": cfg.raw.overrides,
         "tokenizer": str(tokenizer),
+        "note": ""
+        if set(cfg.train_overrides) <= {"pretrain.max_seconds", "sft.max_seconds"}
+        else f"Note: this run changes the demo recipe ({', '.join(sorted(cfg.train_overrides))}); "
+        "`make ablation` (configs/train/ablation.toml) runs the recipe's own model and steps.",
     }
     report = Path(cfg.report)
     report.parent.mkdir(parents=True, exist_ok=True)
