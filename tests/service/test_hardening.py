@@ -200,9 +200,20 @@ def test_logs_are_json_with_request_id_and_prompts_only_when_enabled(secured, sm
             headers={**AUTH, "X-Request-ID": "req-abc-1"},
         )
         assert r1.headers["x-request-id"] == "req-abc-1"
-        quiet = [json.loads(line) for line in rec.lines]
+
+        def logged() -> bool:
+            return any(
+                e.get("request_id") == "req-abc-1" and e.get("status") == 200
+                for e in (json.loads(line) for line in list(rec.lines))
+            )
+
+        # The request line is written after the last byte is sent, so it may trail the client by a moment.
+        for _ in range(200):
+            if logged():
+                break
+            time.sleep(0.01)
+        assert logged()
         assert not any(secret in line for line in rec.lines)
-        assert any(e.get("request_id") == "req-abc-1" and e.get("status") == 200 for e in quiet)
         rec.lines.clear()
         httpx.post(f"{small.url}/v1/chat/completions", json=chat_body(secret, max_tokens=2))
         assert any(secret in json.loads(line).get("prompt", "") for line in rec.lines)
