@@ -239,9 +239,29 @@ class BandIndex:
                 bucket.append(item)
 
 
+class SigMatrix:
+    """Signatures as rows of one growable uint32 matrix (384 bytes a row at 96 permutations, no per-object
+    overhead), so a query's candidates are screened in one numpy comparison instead of a Python loop."""
+
+    def __init__(self, num_perm: int):
+        self.data = np.empty((1024, num_perm), dtype=HASH_DTYPE)
+        self.n = 0
+
+    def append(self, sig: bytes) -> int:
+        if self.n == len(self.data):
+            self.data = np.concatenate([self.data, np.empty_like(self.data)])
+        self.data[self.n] = np.frombuffer(sig, dtype=HASH_DTYPE)
+        self.n += 1
+        return self.n - 1
+
+    def estimates(self, rows: np.ndarray, sig: bytes) -> np.ndarray:
+        return (self.data[rows] == np.frombuffer(sig, dtype=HASH_DTYPE)).mean(axis=1)
+
+
 class Grouper:
     """Union-find over records whose segments are similar; candidates from two LSH indexes (character
-    3-grams at a lower threshold than the link, word unigrams for ROUGE-L), every link verified on the texts."""
+    3-grams at a lower threshold than the link, word unigrams for ROUGE-L), screened by their MinHash estimates,
+    every link verified on the texts. Records are numbered in arrival order (ordinals)."""
 
     def __init__(self, cfg: SplitConfig):
         self.cfg = cfg
@@ -252,14 +272,16 @@ class Grouper:
         # let a ROUGE-L 0.73 pair of the demo through (tests/training/test_data_leaks.py).
         self.by_char = BandIndex(cfg.num_perm, 4)
         self.by_word = BandIndex(cfg.num_perm, 3)
+        self.char_sigs = SigMatrix(cfg.num_perm)
+        self.word_sigs = SigMatrix(cfg.num_perm)
         self.ids: list[str] = []
-        self.segments: dict[str, list[str]] = {}
-        self.sigs: dict[str, list[tuple[bytes, bytes]]] = {}
-        self.parent: dict[str, str] = {}
         self.order: dict[str, int] = {}
+        self.seg_rows: list[list[int]] = []  # ordinal → its rows in the signature matrices
+        self.segments: list[list[str]] = []  # ordinal → its segment texts
+        self.parent: list[int] = []
         self.links = 0
 
-    def find(self, x: str) -> str:
+    def find(self, x: int) -> int:
         root = x
         while self.parent[root] != root:
             root = self.parent[root]
@@ -267,58 +289,69 @@ class Grouper:
             self.parent[x], x = root, self.parent[x]
         return root
 
-    def union(self, a: str, b: str) -> None:
+    def root_of(self, rid: str) -> str:
+        return self.ids[self.find(self.order[rid])]
+
+    def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            # The earlier record is the root, so cluster names do not depend on arrival of later ones.
-            if self.order[ra] > self.order[rb]:
-                ra, rb = rb, ra
+            # The earlier record is the root, so cluster names do not depend on the arrival of later ones.
+            ra, rb = min(ra, rb), max(ra, rb)
             self.parent[rb] = ra
 
-    def candidates(self, keys: Keys) -> set[str]:
+    def candidates(self, keys: Keys) -> set[int]:
         found: set[int] = set()
         for cs, ws in zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True):
             found |= self.by_char.query(cs)
             found |= self.by_word.query(ws)
-        return {self.ids[i] for i in found}
+        return found
 
-    def plausible(self, keys: Keys, other: str) -> bool:
-        """MinHash estimates say a link is possible: 0.2 below the character threshold and 0.35 below the ROUGE-L
-        one (ROUGE-L 0.7 needs most words shared) are 4 standard errors or more (0.051 at 96 permutations)."""
-        char_floor = self.cfg.link_char3 - 0.2
-        word_floor = self.cfg.link_rouge_l - 0.35
+    def plausible(self, keys: Keys, cands: set[int]) -> list[int]:
+        """Candidates whose MinHash estimates allow a link, in arrival order: 0.2 below the character threshold
+        and 0.35 below the ROUGE-L one (ROUGE-L 0.7 needs most words shared) are 4 standard errors or more
+        (0.051 at 96 permutations)."""
+        if not cands:
+            return []
+        owners = [c for c in sorted(cands) for _ in self.seg_rows[c]]
+        rows = np.fromiter(
+            (r for c in sorted(cands) for r in self.seg_rows[c]), dtype=np.int64, count=len(owners)
+        )
+        ok = np.zeros(len(rows), dtype=bool)
         for cs, ws in zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True):
-            for ocs, ows in self.sigs[other]:
-                if estimate(cs, ocs) >= char_floor or estimate(ws, ows) >= word_floor:
-                    return True
-        return False
+            ok |= self.char_sigs.estimates(rows, cs) >= self.cfg.link_char3 - 0.2
+            ok |= self.word_sigs.estimates(rows, ws) >= self.cfg.link_rouge_l - 0.35
+        return sorted({owners[i] for i in np.flatnonzero(ok)})
 
-    def linked(self, feats: list[Features], other: str) -> bool:
+    def linked(self, feats: list[Features], other: int) -> bool:
         return any(similar(a, Features(b), self.cfg) is not None for b in self.segments[other] for a in feats)
 
     def add(self, rid: str, keys: Keys) -> None:
         ordinal = len(self.ids)
         self.order[rid] = ordinal
         self.ids.append(rid)
-        self.parent[rid] = rid
+        self.parent.append(ordinal)
         feats: list[Features] | None = None
-        for cand in sorted(self.candidates(keys), key=self.order.__getitem__):
-            if self.find(cand) == self.find(rid) or not self.plausible(keys, cand):
+        for cand in self.plausible(keys, self.candidates(keys)):
+            if self.find(cand) == self.find(ordinal):
                 continue
             feats = feats or [Features(t) for t in keys.segments]
             if self.linked(feats, cand):
-                self.union(rid, cand)
+                self.union(ordinal, cand)
                 self.links += 1
-        self.segments[rid] = keys.segments
-        self.sigs[rid] = list(zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True))
+        self.segments.append(keys.segments)
+        rows = []
         for cs, ws in zip(keys.seg_char_sigs, keys.seg_word_sigs, strict=True):
+            rows.append(self.char_sigs.append(cs))
+            self.word_sigs.append(ws)
             self.by_char.insert(cs, ordinal)
             self.by_word.insert(ws, ordinal)
+        self.seg_rows.append(rows)
 
     def similar_to_any(self, keys: Keys, among: set[str]) -> str | None:
         """The first record of `among` that these segments are similar to (the augmentation leak guard)."""
         feats = [Features(t) for t in keys.segments]
-        for cand in sorted(self.candidates(keys) & among, key=self.order.__getitem__):
-            if self.plausible(keys, cand) and self.linked(feats, cand):
-                return cand
+        cands = {c for c in self.candidates(keys) if self.ids[c] in among}
+        for cand in self.plausible(keys, cands):
+            if self.linked(feats, cand):
+                return self.ids[cand]
         return None

@@ -366,7 +366,7 @@ def _finish(cfg: DataConfig, specs: list[SourceSpec], counts: Counters, stats: d
     from training.data.dedup import segment_keys
     from training.data.split import assign_splits, derive, over_cap
 
-    root_of = {e.id: grouper.find(e.id) for e in entries}
+    root_of = {e.id: grouper.root_of(e.id) for e in entries}
     split, moved = assign_splits(entries, root_of, cfg.split, cfg.seed)
     report.group_sizes = Counter(Counter(root_of.values()).values())
     held_out = {i for i, s in split.items() if s != "train"}
