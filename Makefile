@@ -27,10 +27,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with torch 2.13.0 (CPU) and the dev extras
 
-test: install ## run the test suite (not the slow matrices)
+test: install deploy-tools ## run the test suite (not the slow matrices); installs the chart checkers too
 	$(BIN)/pytest -q
 
-test-all: install ## run every test, slow ones included
+test-all: install deploy-tools ## run every test, slow ones included
 	$(BIN)/pytest -q -m "slow or not slow"
 
 lint: install ## ruff check + format --check
