@@ -77,8 +77,8 @@ def signature(shingles: set[str], num_perm: int = NUM_PERM) -> bytes:
     rebuilds a LeanMinHash in the main process."""
     from datasketch import MinHash
 
-    # crc32 (C, deterministic across processes) instead of datasketch's default per-shingle SHA-1 in Python: the
-    # signature stage ran 2.4x faster on the bench corpus; the affine permutations do the mixing MinHash needs.
+    # crc32 (C, deterministic across processes) instead of datasketch's default per-shingle SHA-1 in Python: a
+    # 90-shingle signature at 96 permutations took 21 µs instead of 54; the affine permutations do the mixing.
     m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, hashfunc=zlib.crc32, permutations=_permutations(num_perm),
                 scheme=SCHEME)  # fmt: skip
     if shingles:
