@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import msgspec
+from litestar import Request
 
 from model.chat import CHAT_TEMPLATE, ChatFormatError, encode_chat, render_template
 from model.sampling import SamplingParams
@@ -191,15 +192,29 @@ class Submission:
             ) from None
         self.remaining = len(self.seqs)
 
-    async def outputs(self) -> AsyncIterator[list[Output]]:
+    async def outputs(self, request: Request | None = None) -> AsyncIterator[list[Output]]:
         """Each step's outputs until every sequence has finished; leaving early (a client that disconnected)
-        aborts whatever is still running, and its slots are freed at the engine's next step."""
+        aborts whatever is still running, and its slots are freed at the engine's next step.
+
+        A stream notices a departed client when a write fails; a non-streaming request writes nothing until
+        the end, so it passes `request` and this also watches the ASGI channel for `http.disconnect`."""
+        watcher = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
             while self.remaining:
-                outs = await self.queue.get()
+                if watcher is None:
+                    outs = await self.queue.get()
+                else:
+                    getter = asyncio.ensure_future(self.queue.get())
+                    await asyncio.wait((getter, watcher), return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        return  # the client left: the finally clause aborts what is still running
+                    outs = getter.result()
                 self.remaining -= sum(1 for o in outs if o.finish_reason is not None)
                 yield outs
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if self.remaining:
                 for s in self.seqs:
                     self.engine.abort(s)
@@ -211,6 +226,13 @@ class Submission:
             total_tokens=self.prompt_tokens + completion_tokens,
             prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached),
         )
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body has been read, so the next ASGI message can only be
+    `http.disconnect` (sent when the connection drops, or after the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def new_id(prefix: str) -> str:

@@ -62,7 +62,7 @@ class ChatController(Controller):
         lps: list[list[P.TokenLogprob]] = [[] for _ in sub.seqs]
         reasons: list[str | None] = [None] * len(sub.seqs)
         completion = cached = 0
-        async for outs in sub.outputs():
+        async for outs in sub.outputs(request):
             for o in outs:
                 texts[o.index].append(o.text)
                 if top is not None and (lp := chat_logprob(tokenizer, o)) is not None:
@@ -167,7 +167,7 @@ class CompletionsController(Controller):
         lps = [_CompletionLogprobs(len(echo)) for _ in range(n)]
         reasons: list[str | None] = [None] * n
         completion = cached = 0
-        async for outs in sub.outputs():
+        async for outs in sub.outputs(request):
             for o in outs:
                 texts[o.index].append(o.text)
                 if data.logprobs is not None:

@@ -292,6 +292,41 @@ def test_client_disconnect_frees_the_slot_and_is_counted(small):
     )
 
 
+def test_non_streaming_client_disconnect_frees_the_slot_and_is_counted(small):
+    """A non-streaming request writes nothing until it ends, so only the ASGI disconnect can stop it."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    families, _ = metrics_of(small.url)
+    before = sample_value(families, "instructlm_client_disconnects", suffix="_total")
+    done_before = sample_value(
+        families, "instructlm_request_success", {"finished_reason": "length"}, "_total"
+    )
+    body = json.dumps(chat_body("wait then leave", max_tokens=1200, ignore_eos=True)).encode()
+    url = urlsplit(small.url)
+    steps_before = small.engine.step_count
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 20
+        while small.engine.step_count < steps_before + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)  # decoding has started
+    deadline = time.monotonic() + 20
+    while (small.engine.running or small.engine.has_work()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    families, _ = metrics_of(small.url)
+    assert sample_value(families, "instructlm_num_requests_running") == 0
+    assert sample_value(families, "instructlm_client_disconnects", suffix="_total") == before + 1
+    assert (
+        sample_value(families, "instructlm_request_success", {"finished_reason": "length"}, "_total")
+        == done_before
+    )
+
+
 GAUGES = [
     "instructlm_num_requests_running",
     "instructlm_num_requests_waiting",
