@@ -365,28 +365,34 @@ def _gqa_layer(h, kv, d, max_len) -> bytes:
     return helper.make_model(graph, opset_imports=ops).SerializeToString()
 
 
-def _mask_layer(h, kv, d, path: Path) -> None:
-    """Design B (chosen): the served graph's attention: gather this batch's used positions from the flat cache,
-    append the new k/v, grouped attention under a length mask; the runner writes the new k/v afterwards."""
+def _mask_layer(h, kv, d, chunk, path: Path) -> None:
+    """Design B (chosen): the served graph's attention: gather this batch's used chunks of positions from the
+    cache, append the new k/v, grouped attention under an additive length mask; the runner writes the new
+    k/v afterwards."""
     import torch
 
-    from export.graphs import _split_attention
+    from export.graphs import cached_attention
 
     class Layer(torch.nn.Module):
         def forward(self, q, k, v, position_ids, kv_index, past_k, past_v):
-            b, length, s = q.shape[0], kv_index.shape[2], q.shape[2]
+            b, s = q.shape[0], q.shape[2]
+            length = kv_index.shape[2] * chunk
             past_ok = (torch.arange(length)[None, :] < position_ids[:, :1])[:, None, :].expand(b, s, length)
             new_ok = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(b, s, s)
-            return _split_attention(q, past_k[kv_index], past_v[kv_index], k, v, past_ok, new_ok)
+            allowed = torch.cat([past_ok, new_ok], dim=2)
+            bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None, None]
+            pk = past_k[kv_index].reshape(b, kv, length, d)
+            pv = past_v[kv_index].reshape(b, kv, length, d)
+            return cached_attention(q, pk, pv, k, v, bias, (b, s, length, h, kv, d))
 
     args = (
         torch.zeros(2, h, 1, d),
         torch.zeros(2, kv, 1, d),
         torch.zeros(2, kv, 1, d),
         torch.full((2, 1), 4),
-        torch.zeros(2, kv, 4, dtype=torch.long),
-        torch.zeros(64, d),
-        torch.zeros(64, d),
+        torch.zeros(2, kv, 1, dtype=torch.long),
+        torch.zeros(64, chunk * d),
+        torch.zeros(64, chunk * d),
     )
     names = ["q", "k", "v", "position_ids", "kv_index", "past_k", "past_v"]
     dyn = {
@@ -394,7 +400,7 @@ def _mask_layer(h, kv, d, path: Path) -> None:
         "k": {0: "B"},
         "v": {0: "B"},
         "position_ids": {0: "B"},
-        "kv_index": {0: "B", 2: "L"},
+        "kv_index": {0: "B", 2: "C"},
     }
     dyn.update({"past_k": {0: "R"}, "past_v": {0: "R"}, "out": {0: "B"}})
     import warnings
@@ -418,11 +424,13 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
     dim 32, a 1024-position cache of 16 slots), both designs bound once through IO binding."""
     import onnxruntime as ort
 
-    h, kv, d, slots, max_len = 8, 4, 32, 16, 1024
+    from export.onnx_export import KV_CHUNK
+
+    h, kv, d, slots, max_len, chunk = 8, 4, 32, 16, 1024, KV_CHUNK
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     gqa = ort.InferenceSession(_gqa_layer(h, kv, d, max_len), opts, providers=["CPUExecutionProvider"])
-    _mask_layer(h, kv, d, tmp / "mask_layer.onnx")
+    _mask_layer(h, kv, d, chunk, tmp / "mask_layer.onnx")
     mask = ort.InferenceSession(str(tmp / "mask_layer.onnx"), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ck = rng.standard_normal((slots, kv, max_len, d), dtype=np.float32)
@@ -453,16 +461,16 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
                 io.bind_cpu_input("total_sequence_length", np.array(ctx + 1, np.int32))
                 gqa.run_with_iobinding(io)
 
-            # B: the whole buffer bound flat; kv_index picks the rows; the new k/v written by numpy after.
+            # B: the whole buffer bound as chunk rows; kv_index picks them; the new k/v written by numpy after.
             iob = mask.io_binding()
-            iob.bind_ortvalue_input("past_k", ort.OrtValue.ortvalue_from_numpy(ck.reshape(-1, d)))
-            iob.bind_ortvalue_input("past_v", ort.OrtValue.ortvalue_from_numpy(cv.reshape(-1, d)))
-            base = (np.arange(slots * kv) * max_len).reshape(slots, kv)
+            iob.bind_ortvalue_input("past_k", ort.OrtValue.ortvalue_from_numpy(ck.reshape(-1, chunk * d)))
+            iob.bind_ortvalue_input("past_v", ort.OrtValue.ortvalue_from_numpy(cv.reshape(-1, chunk * d)))
+            base = (np.arange(slots * kv) * (max_len // chunk)).reshape(slots, kv)
             slot_ids = np.arange(b)[::-1].copy()  # any slots, not only the first b
             qb, kb, vb = q.reshape(b, h, 1, d), k.reshape(b, kv, 1, d), v.reshape(b, kv, 1, d)
 
             def run_b(iob=iob, b=b, ctx=ctx, slot_ids=slot_ids, qb=qb, kb=kb, vb=vb, base=base):
-                kv_index = base[slot_ids][:, :, None] + np.arange(ctx)
+                kv_index = base[slot_ids][:, :, None] + np.arange(-(-ctx // chunk))
                 for name, arr in (
                     ("q", qb),
                     ("k", kb),

@@ -44,24 +44,34 @@ def _grouped_attention(q, keys, values, allowed):
     return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
-def _split_attention(q, past_k, past_v, k, v, past_ok, new_ok):
-    """Attention over gathered past keys/values [B,KV,L,D] and the new ones [B,KV,S,D] without concatenating
-    them: scores [B,KV,rep*S,L] and [B,KV,rep*S,S] are joined instead, rep*S*(L+S) floats per KV head rather
-    than 2*(L+S)*D (16x less copying at decode, head_dim 32, 2 query heads per KV head).
-    past_ok [B,S,L], new_ok [B,S,S] bool -> [B,S,H*D]."""
-    b, h, s, d = q.shape
-    kv, length = k.shape[1], past_k.shape[2]
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R [D, D] with x @ R = rotate_half(x) = cat(-x2, x1): one MatMul node per rotation instead of two Slices,
+    a Neg, a Concat and the shape arithmetic the tracer emits for `chunk` (16 fewer nodes per layer)."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
+
+
+def cached_attention(q, past_k, past_v, k, v, bias, sizes):
+    """q [B,H,S,D] with the softmax scale folded in; past_k/past_v [B,KV,L,D] gathered from the cache; k/v
+    [B,KV,S,D] the new tokens; bias [B,1,1,S,L+S] additive mask (0 or -inf) -> [B,S,H*D].
+    sizes = (B, S, L, H, KV, D) from the caller: B, S, L traced once per graph and H, KV, D plain ints (read
+    here from the tensors, they add shape arithmetic to every layer: 150 more nodes at 6 layers).
+
+    Query heads are grouped onto their KV head by a reshape instead of repeating keys/values. The new keys
+    are concatenated after the past ones (one more copy of the gathered rows): joining split scores instead
+    (no copy, two more small batched MatMuls, a Concat and two Slices per layer) measured 5% slower at batch 16
+    and 5% faster at batch 1 (demo model, context 128), and batch 16 is where the served graph was behind."""
+    b, s, length, h, kv, d = sizes
     rep = h // kv
     qg = q.reshape(b, kv, rep * s, d)  # [B, KV, rep*S, D]: head h = kv * rep + r, as repeat_kv orders them
-    scale = 1.0 / math.sqrt(d)
-    # [B, KV, rep*S, L] and [B, KV, rep*S, S] -> [B, KV, rep*S, L+S]
-    scores = torch.cat([torch.matmul(qg, past_k.transpose(2, 3)), torch.matmul(qg, k.transpose(2, 3))], dim=3)
-    scores = scores * scale
-    allowed = torch.cat([past_ok, new_ok], dim=2)  # [B, S, L+S]
-    scores = scores.view(b, kv, rep, s, length + s).masked_fill(~allowed[:, None, None], float("-inf"))
+    keys = torch.cat([past_k, k], dim=2)  # [B, KV, L+S, D]
+    values = torch.cat([past_v, v], dim=2)
+    scores = torch.matmul(qg, keys.transpose(2, 3)).view(b, kv, rep, s, length + s) + bias
     probs = torch.softmax(scores, dim=-1).view(b, kv, rep * s, length + s)
-    # [B, KV, rep*S, D]
-    out = torch.matmul(probs[..., :length], past_v) + torch.matmul(probs[..., length:], v)
+    out = torch.matmul(probs, values)  # [B, KV, rep*S, D]
     # [B, KV, rep*S, D] -> [B, H, S, D] -> [B, S, H*D]
     return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
@@ -73,58 +83,90 @@ class ServedGraph(nn.Module):
       input_ids [B,S] int64        right-padded rows
       position_ids [B,S] int64     row b holds positions start_b.. ; -1 marks padding (output ignored)
       logits_index [B,N] int64     which positions of each row get logits: N=1 (last token) or every position
-      kv_index [B,KV,L] int64      row of each past position in the flattened cache: (slot*KV + h)*max_len + l
-      past_key.{i}, past_value.{i} [R, D] float32   the whole cache of layer i, flattened to rows of head_dim
+      kv_index [B,KV,C] int64      row of each past chunk in the cache viewed as chunk rows:
+                                   (slot*KV + h)*(cache_len/chunk) + j for chunk j, positions j*chunk..
+      past_key.{i}, past_value.{i} [R, chunk*D] float32   the whole cache of layer i, `chunk` positions a row
     Outputs
       logits [B,N,V]; new_key.{i}, new_value.{i} [B,KV,S,D] for the runner to write at positions start_b..
 
+    The runner sizes each slot's cache in whole chunks; the graph reads the chunk size from past_key's last
+    axis (chunk*D), so a bundle traced with chunk 1 (every position a row, the first version) runs unchanged.
     Past position l of row b is visible when l < start_b; the new tokens see each other causally. The graph
-    never copies the cache: it gathers only the L positions this batch reads (L = the longest row's start).
+    never copies the cache: it gathers only the C chunks this batch reads (C*chunk >= the longest row's start).
 
-    Why this design and not onnxruntime's GroupQueryAttention over a shared past/present buffer (the other one
-    issue 7 names), measured by `bench/export.py` on the demo model, one thread, median CPU time per decode
-    step at context 128 (docs/BENCHMARKS.md has the full table):
+    Why chunks of 16 positions: a Gather copies one index at a time, and with one position a row (128 bytes at
+    head_dim 32) the per-index cost, not the bytes, set its speed (Gather was 23% of a batch-16 decode step).
+    Same graph, same run, batch 16, context 128: 5.59 ms per step with one position a row, 4.95 ms with 16;
+    8 and 32 came within 4% of 16, inside run-to-run noise. Rows of 2 KiB read the same bytes plus at most 15
+    masked positions per row. The rest follows the profile too: the mask is built once as an additive bias,
+    not per layer; rotate_half is one MatMul (`rotate_half_matrix`) instead of Slice/Neg/Concat and shape
+    arithmetic; the softmax scale is folded into the query's cos/sin; sizes are traced once, not per layer
+    (1377 -> 996 traced nodes, 649 -> 334 after onnxruntime's optimizations). The runner's own work per step
+    was cut too (one write for all layers, vectorized checks, no logits copy).
 
-        batch    this graph (runner included)   GQA whole-decoder prototype   optimum-layout loop
-        1              1.57 ms                        1.03 ms                       1.27 ms
-        16             5.53 ms                        4.40 ms                       4.04 ms
+    Median CPU time per decode step, demo model, one thread, context 128, `bench/export.py` (docs/BENCHMARKS.md):
 
-    One layer's attention alone: 46 vs 17 us at batch 1, 193 vs 133 us at batch 16. So GQA is faster: it reads
-    the cache in place, where this graph gathers the used positions (one row copy per position and layer,
-    about 2x the cost of a contiguous concat) and spends ~25 small nodes per layer on masks and split scores.
-    This graph was kept because it is the one that exists with its parity and schedule tests, and because
-    GQA's constraints move work into the runner: its batch rows must be the buffer's rows (slots compacted by a
-    cache copy when sequences end out of order, or idle slots carried as dummy rows), its CPU kernel takes one
-    new-token count for all rows (a ragged chunk is padded, writing garbage past each row's end, which must
-    stay below max_len), and it is a com.microsoft op that onnx.checker and other runtimes do not know. Here
-    any slot goes in any row, any mix of chunk and past lengths shares a call, only standard ONNX ops are used,
-    and the graph is traced from the model's own modules (parity about 1e-6). Switching the decode path to
-    GQA is the first performance follow-up (bench/export.py's `GQAPrototype` is the measured starting point).
+        batch   this graph   the first served graph (earlier run)   GQA whole-decoder prototype   optimum loop
+        1         1.10 ms          1.57 ms                                1.01 ms                     1.17 ms
+        16        4.58 ms          5.53 ms                                4.33 ms                     4.04 ms
+
+    At batch 16 the optimum-layout loop is still ahead (1.03x-1.13x over four runs, 1.37x before). What
+    is left is one copy: this graph gathers the past (one copy) and concatenates the new keys (a second), where
+    the loop only concatenates. Joining split scores instead (no second copy, two more small batched MatMuls
+    per layer) measured 5% slower at batch 16 (5% faster at batch 1), and scattering the new keys into the
+    gathered buffer with ScatterElements 7% slower, so onnxruntime evidently copies the scatter's input too.
+
+    onnxruntime's GroupQueryAttention over a shared past/present buffer (the other design issue 7 names) reads
+    the cache in place and stays ~5-8% faster than this graph, but its batch rows must be the buffer's rows
+    (slots compacted by a cache copy when sequences end out of order, or idle slots carried as dummy rows), its
+    CPU kernel takes one new-token count for all rows (a ragged chunk is padded, writing garbage past each
+    row's end, which must stay below max_len), and it is a com.microsoft op that onnx.checker and other
+    runtimes do not know; it did not beat the optimum loop at batch 16 either. This graph keeps any slot in
+    any row, any mix of chunk and past lengths in one call, standard ONNX ops only, and is traced from the
+    model's own modules (parity about 1e-6).
     """
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
+        # Traced as a Constant node; int8 quantization finds its MatMuls by value and leaves them in fp32.
+        self.register_buffer("rotate_half", rotate_half_matrix(model.config.head_dim), persistent=False)
 
     def forward(self, input_ids, position_ids, logits_index, kv_index, *past):
         m = self.model
+        cfg = m.config
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        rot = self.rotate_half
         b, s = input_ids.shape
-        length = kv_index.shape[2]
+        length = kv_index.shape[2] * (past[0].shape[1] // d)  # chunks * chunk positions
         safe_pos = position_ids.clamp(min=0)
-        cos, sin = m.rope_cos[safe_pos], m.rope_sin[safe_pos]  # [B, S, D]
+        cos, sin = m.rope_cos[safe_pos][:, None], m.rope_sin[safe_pos][:, None]  # [B, 1, S, D]
+        scale = 1.0 / math.sqrt(d)
+        q_cos, q_sin = cos * scale, sin * scale  # the softmax scale, applied once to the query's rotation
         start = position_ids[:, :1]  # [B, 1]: the first position of each row is never padding
         past_ok = torch.arange(length, device=input_ids.device)[None, :] < start  # [B, L]
-        past_ok = past_ok[:, None, :].expand(b, s, length)  # [B, S, L]
-        new_ok = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()[None].expand(b, s, s)
+        new_ok = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()  # [S, S]
+        allowed = torch.cat([past_ok[:, None, :].expand(b, s, length), new_ok[None].expand(b, s, s)], dim=2)
+        # [B, 1, 1, S, L+S]: 0 where allowed, -inf elsewhere; built once, added to every layer's scores
+        bias = torch.zeros(allowed.shape, device=input_ids.device).masked_fill(~allowed, float("-inf"))
+        bias = bias[:, None, None]
+        sizes = (b, s, length, h, kv, d)
         x = m.embed_tokens(input_ids)
         new_kv = []
         for i, layer in enumerate(m.layers):
-            q, k, v = _project_qkv(layer, layer.input_layernorm(x), cos, sin)
-            past_k, past_v = past[2 * i], past[2 * i + 1]
-            # Gather [R, D] at [B, KV, L] -> [B, KV, L, D]: only this batch's rows, only their used positions.
-            attn = _split_attention(q, past_k[kv_index], past_v[kv_index], k, v, past_ok, new_ok)
-            h = x + layer.self_attn.o_proj(attn)
-            x = h + layer.mlp(layer.post_attention_layernorm(h))
+            attn = layer.self_attn
+            xn = layer.input_layernorm(x)
+            # [B, S, heads*D] -> [B, S, heads, D] -> [B, heads, S, D]
+            q = attn.q_proj(xn).view(b, s, h, d).transpose(1, 2)
+            k = attn.k_proj(xn).view(b, s, kv, d).transpose(1, 2)
+            v = attn.v_proj(xn).view(b, s, kv, d).transpose(1, 2)
+            q = q * q_cos + torch.matmul(q, rot) * q_sin
+            k = k * cos + torch.matmul(k, rot) * sin
+            # Gather [R, chunk*D] at [B, KV, C] -> [B, KV, C, chunk*D] -> [B, KV, L, D]
+            past_k = past[2 * i][kv_index].reshape(b, kv, length, d)
+            past_v = past[2 * i + 1][kv_index].reshape(b, kv, length, d)
+            hidden = x + attn.o_proj(cached_attention(q, past_k, past_v, k, v, bias, sizes))
+            x = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             new_kv += [k, v]
         hidden = m.norm(x)  # [B, S, H]
         picked = torch.gather(hidden, 1, logits_index[:, :, None].expand(-1, -1, hidden.shape[2]))  # [B,N,H]

@@ -44,6 +44,9 @@ OPSET = 17
 FP32_TOL = 1e-4
 GREEDY_TOKENS = 64
 DECODE_STEPS = 8
+# Cache positions per row of the served graph's past inputs (ServedGraph's docstring: one Gather index per
+# 16 positions instead of per position made a batch-16 decode step 11% cheaper on the demo model).
+KV_CHUNK = 16
 # Config fields the bundle's graphs are bound to; open_bundle checks config.json against them.
 GRAPH_CONFIG_KEYS = (
     "vocab_size",
@@ -71,20 +74,20 @@ def optimum_io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_served(model, path: Path) -> None:
+def export_served(model, path: Path, kv_chunk: int = KV_CHUNK) -> None:
     import torch
 
     from export.graphs import ServedGraph
 
     cfg = model.config
     n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    b, s, length, rows = 2, 3, 4, 2 * kv * 8
+    b, s, chunks, rows = 2, 3, 2, 2 * kv * 8
     args = (
         torch.zeros(b, s, dtype=torch.long),
-        torch.arange(s).repeat(b, 1) + length,
+        torch.arange(s).repeat(b, 1) + chunks * kv_chunk,
         torch.full((b, 1), s - 1),
-        torch.arange(b * kv * length).reshape(b, kv, length),
-        *[torch.zeros(rows, d) for _ in range(2 * n)],
+        torch.arange(b * kv * chunks).reshape(b, kv, chunks),
+        *[torch.zeros(rows, kv_chunk * d) for _ in range(2 * n)],
     )
     names_in, names_out = served_io_names(n)
     dyn: dict[str, dict[int, str]] = {
@@ -168,6 +171,27 @@ def optimize(src: Path, dst: Path, threads: int = 1) -> None:
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
 
 
+def rotation_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul nodes whose constant operand is `rotate_half_matrix` (the served graph's rotary)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.graphs import rotate_half_matrix
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consts = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+    consts.update({t.name: t for t in graph.initializer})
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in consts:
+            continue
+        value = numpy_helper.to_array(consts[node.input[1]])
+        square = value.ndim == 2 and value.shape[0] == value.shape[1]
+        if square and np.array_equal(value, rotate_half_matrix(value.shape[0]).numpy()):
+            found.append(node.name)
+    return found
+
+
 def quantize_int8(src: Path, dst: Path, threads: int = 1) -> None:
     """Dynamic quantization: MatMul weights to int8 (per output channel), activations quantized per call."""
     import logging
@@ -177,7 +201,17 @@ def quantize_int8(src: Path, dst: Path, threads: int = 1) -> None:
     tmp = dst.with_name(dst.stem + ".q.onnx")
     # The quantizer logs a "consider pre-processing" hint at WARNING on every call; the graph is already clean.
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    quantize_dynamic(src, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True)
+    # The rotate_half MatMuls stay fp32: their weight is an exact +-1 permutation, so int8 would only add the
+    # rounding of their activations.
+    keep = rotation_matmuls(src)
+    quantize_dynamic(
+        src,
+        tmp,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        nodes_to_exclude=keep,
+    )
     optimize(tmp, dst, threads)  # fuses DynamicQuantizeLinear + MatMulInteger into DynamicQuantizeMatMul
     tmp.unlink()
 

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from export.onnx_export import KV_CHUNK, rotation_matmuls
 from export.runtime import OnnxRunner
 from instructlm.cli import main
 from model.generate import ragged_batch
@@ -86,7 +87,7 @@ def test_graphs_check_and_have_dynamic_axes(tiny_bundle, report):
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in served.graph.input
     }
     assert dims["kv_index"] == ["batch", 2, "past"]
-    assert dims["past_key.0"] == ["cache_rows", 16]
+    assert dims["past_key.0"] == ["cache_rows", 16 * KV_CHUNK]  # head_dim 16, KV_CHUNK positions a row
 
 
 def test_optimum_graph_generates_like_transformers(tiny_bundle, tiny_checkpoint):
@@ -170,6 +171,8 @@ def test_int8_error_within_twice_a_fake_quantized_reference(tiny_bundle, tiny_mo
         for i, (g, r) in enumerate(zip(got, rows, strict=True))
     )
     assert 0 < err <= 2 * ref_err
+    # The rotary's +-1 permutation MatMuls (two per layer) stay fp32: int8 would only round their activations.
+    assert len(rotation_matmuls(tiny_bundle / "model.int8.onnx")) == 2 * tiny_model.config.num_hidden_layers
     q = report["int8"]
     assert q["size_ratio"] < 0.75
     assert q["val_tokens"] > 100 and np.isfinite(q["perplexity_int8"])

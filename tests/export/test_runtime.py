@@ -150,6 +150,59 @@ assert not any(m == "torch" or m.startswith("torch.") for m, v in sys.modules.it
     assert float(out.stdout.strip().splitlines()[-1]) <= TOL
 
 
+def _prefill_then_decode_worst(model, runner, rows, slots, decode_steps) -> float:
+    """Prefill `rows` into `slots`, then `decode_steps` greedy decode steps; the largest logit difference."""
+    cache = KVCache(model.config, runner.num_slots, runner.max_len)
+    got = runner.prefill(rows, slots, [0] * len(rows), all_logits=True)
+    ref = _torch_prefill(model, cache, rows, slots, [0] * len(rows))
+    worst = max(
+        float(np.abs(g - ref[i, : len(r)].numpy()).max())
+        for i, (g, r) in enumerate(zip(got, rows, strict=True))
+    )
+    tokens = np.array([int(ref[i, len(r) - 1].argmax()) for i, r in enumerate(rows)])
+    pos = np.array([len(r) for r in rows])
+    for _ in range(decode_steps):
+        got = runner.decode(tokens, np.array(slots), pos)
+        with torch.no_grad():
+            ref = model(torch.tensor(tokens)[:, None], torch.tensor(pos)[:, None], cache, torch.tensor(slots))
+        worst = max(worst, float(np.abs(got - ref[:, 0].numpy()).max()))
+        tokens, pos = ref[:, 0].argmax(-1).numpy(), pos + 1
+    return worst
+
+
+def test_cache_length_that_is_not_a_whole_number_of_chunks(tiny_model, tiny_bundle):
+    """max_len 37 with 16-position chunks: the cache is allocated in whole chunks (48), rows read up to 3 chunks
+    whose tail is masked, and the last position (36) is still usable and correct."""
+    runner = OnnxRunner(tiny_bundle, num_slots=3, max_len=37, threads=1, verify_hash=False)
+    assert runner.kv_chunk == 16 and runner.k.shape[3] == 48
+    rng = np.random.default_rng(11)
+    rows = [rng.integers(3, tiny_model.config.vocab_size, n).tolist() for n in (30, 17)]
+    # 7 steps: row 0 ends at position 36 (= max_len - 1), row 1 crosses the 16- and 32-position chunk edges.
+    assert _prefill_then_decode_worst(tiny_model, runner, rows, [2, 0], decode_steps=7) <= TOL
+    with pytest.raises(ValueError, match="past the cache length 37"):
+        runner.decode(np.array([5]), np.array([2]), np.array([37]))
+
+
+def test_bundle_traced_with_one_position_per_row_still_runs(tiny_model, bundle_copy):
+    """Bundles exported before the chunked layout bind past rows of one position (past [R, head_dim]); the
+    runner reads the chunk size from the graph, so they keep working."""
+    from export.onnx_export import export_served
+    from export.runtime import sha256_file
+
+    export_served(tiny_model, bundle_copy / "model.onnx", kv_chunk=1)
+    report = json.loads((bundle_copy / "export_report.json").read_text())
+    entry = report["files"]["model.onnx"]
+    entry["bytes"], entry["sha256"] = (
+        (bundle_copy / "model.onnx").stat().st_size,
+        sha256_file(bundle_copy / "model.onnx"),
+    )
+    (bundle_copy / "export_report.json").write_text(json.dumps(report))
+    runner = OnnxRunner(bundle_copy, num_slots=4, max_len=40, threads=1)
+    assert runner.kv_chunk == 1
+    rows = [[5, 17, 300, 42, 9, 88, 120], [64, 77, 250]]
+    assert _prefill_then_decode_worst(tiny_model, runner, rows, [3, 1], decode_steps=5) <= TOL
+
+
 # --- bad bundles ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path):
