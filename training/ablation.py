@@ -27,6 +27,9 @@ import msgspec
 from model.errors import ConfigError
 
 DEFAULT_CONFIG = "configs/train/ablation.toml"
+# `make ablation` rewrites docs/EVALUATION.md up to this line and keeps everything from it on.
+KEEP_MARKER = "<!-- Sections below are kept when make ablation rewrites the report above. -->"
+
 # Lower is better for these; every other reported metric is higher-is-better.
 LOWER_IS_BETTER = {"ppl", "repetition_4", "self_bleu", "empty"}
 REPORTED = [
@@ -313,7 +316,13 @@ def write_report(
         "the sacrebleu signatures; the formulas are in [theory.md](theory.md).",
         "",
     ]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    # Sections after the marker (the task evaluation of `instructlm eval --tasks`) belong to other commands.
+    kept = ""
+    if path.is_file():
+        previous = path.read_text(encoding="utf-8")
+        if KEEP_MARKER in previous:
+            kept = previous[previous.index(KEEP_MARKER) :]
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""), encoding="utf-8")
 
 
 # --- the run -------------------------------------------------------------------------------------------------

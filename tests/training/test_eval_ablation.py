@@ -102,6 +102,16 @@ def test_comparison_uses_each_metrics_direction(tmp_path):
     assert "**10.00** trained on the built dataset vs **12.00**" in md
     assert "| translation | bleu | 5.00 | 7.00 | raw |" in md
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+    # A rewrite keeps what other commands wrote after the marker, and replaces the rest.
+    from training.ablation import KEEP_MARKER
+
+    (tmp_path / "EVALUATION.md").write_text(
+        md.replace("**10.00**", "**stale**") + f"\n{KEEP_MARKER}\n## Tasks\nkept\n"
+    )
+    write_report(tmp_path / "EVALUATION.md", facts, _eval(10.0, 5.0, 0.2), _eval(12.0, 7.0, 0.2))
+    again = (tmp_path / "EVALUATION.md").read_text()
+    assert "**stale**" not in again and "**10.00**" in again
+    assert again.endswith(f"{KEEP_MARKER}\n## Tasks\nkept\n") and again.count(KEEP_MARKER) == 1
 
 
 def test_the_shipped_ablation_recipe_loads_and_its_raw_overrides_are_data_recipe_keys():
