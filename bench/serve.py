@@ -2,6 +2,7 @@
 a fixed prompt set at concurrency 1, 4, 16, 64, and in the same run the baselines on the same weights.
 
     PYTHONPATH=. .venv/bin/python bench/serve.py [--model runs/demo/bundle] [--threads 1] [--write]
+        [--llama-server /tmp/llbuild/bin/llama-server]
 
 Without --model (or when runs/demo/bundle is missing) it builds a random-weight model of the demo shape (6.5M
 parameters; speed does not depend on the weights) with a tokenizer trained on data/seed, exports it, and uses
@@ -10,6 +11,9 @@ that. Requests are greedy with `ignore_eos` so every one generates exactly --max
 Reported: TTFT, TPOT and ITL p50/p99 (client side, SSE), output tokens/s and requests/s per concurrency; the
 bare ONNX runner's decode step at batch 1 and 16; transformers `generate`; llama.cpp via llama-cpp-python on the
 GGUF export when it is installed (the optional `bench` extra); the engine's per-step profile from /metrics.
+With --llama-server (a `llama-server` binary built from llama.cpp's source; it is not on PyPI), llama.cpp's own
+HTTP server runs on the same f32 GGUF with 16 slots and continuous batching, and gets the same requests at
+concurrency 16 right after ours in every sweep.
 --write replaces the serving section of docs/BENCHMARKS.md.
 """
 
@@ -147,6 +151,16 @@ def transformers_generate(ckpt: Path, threads: int, prompt_ids: list[int], new: 
     return new / (time.perf_counter() - t0)
 
 
+def gguf_f32(ckpt: Path, root: Path) -> Path:
+    """The f32 GGUF export of the checkpoint (what `instructlm export gguf --type f32` writes), made once."""
+    from export.gguf_export import export_gguf
+
+    gguf = root / "model.f32.gguf"
+    if not gguf.exists():
+        export_gguf(ckpt, gguf, weight_type="f32")
+    return gguf
+
+
 def llama_cpp(ckpt: Path, root: Path, threads: int, prompts: list[list[int]], new: int) -> dict | str:
     """llama.cpp on the f32 GGUF export of the same weights: one stream (the high-level API, greedy), and 16
     sequences decoded together through one `llama_decode` per step (the low-level batch API)."""
@@ -155,11 +169,7 @@ def llama_cpp(ckpt: Path, root: Path, threads: int, prompts: list[list[int]], ne
         from llama_cpp import Llama
     except ImportError:
         return "llama-cpp-python is not installed (`pip install -e '.[bench]'`, about 12 minutes to compile)"
-    from export.gguf_export import export_gguf
-
-    gguf = root / "model.f32.gguf"
-    if not gguf.exists():
-        export_gguf(ckpt, gguf, weight_type="f32")
+    gguf = gguf_f32(ckpt, root)
     out: dict = {"version": L.__version__}
     llm = Llama(
         model_path=str(gguf),
@@ -258,6 +268,47 @@ def start_server(bundle: Path, threads: int, max_seqs: int) -> tuple[subprocess.
     raise SystemExit("server not ready in 120 s")
 
 
+def start_llama_server(
+    binary: Path, gguf: Path, threads: int, slots: int, per_slot_ctx: int, log: Path
+) -> tuple[subprocess.Popen, str, float]:
+    """llama.cpp's own server on the GGUF: `slots` slots of `per_slot_ctx` positions each (as ours: the model's
+    window per slot), continuous batching, the GGUF's chat template through jinja, `threads` compute threads."""
+    import httpx
+
+    port = free_port()
+    cmd = [
+        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", "bench",
+        "--parallel", str(slots), "-c", str(slots * per_slot_ctx), "--cont-batching",
+        "--threads", str(threads), "--threads-batch", str(threads), "--jinja", "--no-webui",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    # Its log goes to a file: it writes a line per request, which would fill a pipe nobody reads.
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - t0 < 120:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        try:
+            # /health answers 503 while the model loads, 200 once slots are ready.
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"llama-server not ready in 120 s: {log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 async def one_request(host: str, port: int, prompt: str, max_tokens: int) -> dict:
     """One streamed chat request over a bare asyncio connection: the client shares the 2 cores with the
     server, so it does as little as it can (no HTTP library, no JSON per token; only the usage chunk is parsed)."""
@@ -296,7 +347,8 @@ async def one_request(host: str, port: int, prompt: str, max_tokens: int) -> dic
     end = time.perf_counter()
     writer.close()
     n = usage["completion_tokens"] if usage else len(times)
-    return {"start": t0, "times": times, "end": end, "tokens": n}
+    prompt_n = usage.get("prompt_tokens") if usage else None
+    return {"start": t0, "times": times, "end": end, "tokens": n, "prompt_tokens": prompt_n}
 
 
 async def load(url: str, concurrency: int, num_requests: int, max_tokens: int) -> tuple[list[dict], float]:
@@ -323,8 +375,11 @@ def summarize(results: list[dict], wall: float) -> dict:
     def pct(xs, q):
         return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
 
+    prompt_n = [r["prompt_tokens"] for r in results if r.get("prompt_tokens") is not None]
     return {
         "requests": len(results),
+        "tokens_per_request": tokens / max(len(results), 1),
+        "prompt_tokens_mean": statistics.fmean(prompt_n) if prompt_n else float("nan"),
         "ttft_p50_ms": pct(ttft, 50),
         "ttft_p99_ms": pct(ttft, 99),
         "tpot_p50_ms": pct(tpot, 50),
@@ -365,7 +420,17 @@ def main() -> int:
         "--repeat", type=int, default=3, help="sweeps; tables give medians, ratios median [min-max]"
     )
     ap.add_argument("--write", action="store_true", help="replace the serving section of docs/BENCHMARKS.md")
+    ap.add_argument(
+        "--llama-server",
+        type=Path,
+        help="path of a llama.cpp `llama-server` binary: run it as a baseline at concurrency 16 (needs 16 in "
+        "--concurrency)",
+    )
     args = ap.parse_args()
+    if args.llama_server and 16 not in args.concurrency:
+        ap.error("--llama-server compares at concurrency 16: add 16 to --concurrency")
+    if args.llama_server and not (args.llama_server.is_file() and os.access(args.llama_server, os.X_OK)):
+        ap.error(f"--llama-server {args.llama_server}: not an executable file")
     command = "PYTHONPATH=. .venv/bin/python bench/serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"machine: {machine()}\ncommand: {command}\n", flush=True)
 
@@ -390,13 +455,23 @@ def main() -> int:
     llama = llama_cpp(ckpt, tmp, args.threads, prompt_ids, args.max_tokens)
     bare = Bare(bundle, args.threads, prompt_ids)
 
+    lls = None  # llama.cpp's server: (process, url, seconds to ready)
+    if args.llama_server:
+        print("baseline: llama.cpp's server ...", flush=True)
+        window = json.loads((ckpt / "config.json").read_text())["max_position_embeddings"]
+        gguf = gguf_f32(ckpt, tmp)
+        lls = start_llama_server(args.llama_server, gguf, args.threads, 16, window, tmp / "llama-server.log")
+    lls_runs: list[dict] = []
+
     proc, url, ready_s = start_server(bundle, args.threads, max(args.concurrency))
     per_c: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     prof_c: dict[int, dict] = {c: {} for c in args.concurrency}
-    ratios: dict[str, list[float]] = {"itl": [], "tpot": [], "tps16": []}
+    ratios: dict[str, list[float]] = {"itl": [], "tpot": [], "tps16": [], "vs_llama_server": []}
     bare_seen: dict[int, list[tuple[float, float]]] = {1: [], 16: []}
     try:
         asyncio.run(load(url, 2, 4, 8))  # warm-up: sessions, allocator, connections
+        if lls:
+            asyncio.run(load(lls[1], 2, 4, 8))
         for rep in range(args.repeat):
             for c in args.concurrency:
                 n = args.requests_per_level or max(8, 2 * c)
@@ -425,9 +500,21 @@ def main() -> int:
                     + (f"  (bare b={b}: {step * 1000:.2f} ms, {rate:.0f} tok/s)" if b else ""),
                     flush=True,
                 )
+                if lls and c == 16:
+                    # Right after ours, same prompts, same count, same max_tokens, greedy with ignore_eos.
+                    theirs = summarize(*asyncio.run(load(lls[1], c, n, args.max_tokens)))
+                    lls_runs.append(theirs)
+                    ratios["vs_llama_server"].append(st["out_tok_s"] / theirs["out_tok_s"])
+                    print(
+                        f"rep {rep} c={c:<3} llama-server: ttft p50 {theirs['ttft_p50_ms']:.1f} ms  itl p50 "
+                        f"{theirs['itl_p50_ms']:.2f} ms  tpot p50 {theirs['tpot_p50_ms']:.2f} ms  "
+                        f"{theirs['out_tok_s']:.0f} tok/s  (ours / theirs {ratios['vs_llama_server'][-1]:.2f})",
+                        flush=True,
+                    )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop(proc)
+        if lls:
+            stop(lls[0])
     rows = [
         (c, {k: statistics.median(x[k] for x in per_c[c]) for k in per_c[c][0]}, prof_c[c]) for c in per_c
     ]
@@ -437,7 +524,12 @@ def main() -> int:
         if v
     }
 
-    report = render(args, command, source, bare_med, ratios, hf_tok_s, llama, rows, ready_s)
+    lls_med = (
+        {k: statistics.median(x[k] for x in lls_runs) for k in lls_runs[0]} | {"ready_s": lls[2]}
+        if lls_runs
+        else None
+    )
+    report = render(args, command, source, bare_med, ratios, hf_tok_s, llama, rows, ready_s, lls_med)
     print("\n" + report)
     if args.write:
         write_section(ROOT / "docs" / "BENCHMARKS.md", report)
@@ -445,7 +537,7 @@ def main() -> int:
     return 0
 
 
-def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s) -> str:
+def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s, lls=None) -> str:
     def rng(xs: list[float]) -> str:
         return f"**{statistics.median(xs):.2f}** [{min(xs):.2f}-{max(xs):.2f}]" if xs else "not measured"
 
@@ -466,6 +558,24 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s) 
             f"| {c} | {s['requests']:.0f} | {s['ttft_p50_ms']:.1f} | {s['ttft_p99_ms']:.1f} | {s['tpot_p50_ms']:.2f} | "
             f"{s['itl_p50_ms']:.2f} | {s['itl_p99_ms']:.2f} | {s['out_tok_s']:.0f} | {s['req_s']:.2f} |"
         )
+    by_c = {c: s for c, s, _ in rows}
+    if lls and 16 in by_c:
+        lines += [
+            "",
+            "llama.cpp's own server (`llama-server`, same f32 GGUF, 16 slots of the model's window, continuous "
+            f"batching, {args.threads} thread(s)), ready {lls['ready_s']:.1f} s after start; the same requests "
+            "at concurrency 16 right after ours in each sweep, medians:",
+            "",
+            "| server (concurrency 16) | prompt tokens (mean) | output tokens/request | TTFT p50 ms | "
+            "TTFT p99 ms | TPOT p50 ms | ITL p50 ms | ITL p99 ms | output tok/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, x in (("instructlm", by_c[16]), ("llama-server", lls)):
+            lines.append(
+                f"| {name} | {x['prompt_tokens_mean']:.1f} | {x['tokens_per_request']:.1f} | "
+                f"{x['ttft_p50_ms']:.1f} | {x['ttft_p99_ms']:.1f} | {x['tpot_p50_ms']:.2f} | "
+                f"{x['itl_p50_ms']:.2f} | {x['itl_p99_ms']:.2f} | {x['out_tok_s']:.0f} |"
+            )
     lines += ["", "Baselines, same weights, same run:", ""]
     if 1 in bare and 16 in bare:
         lines.append(
@@ -488,7 +598,6 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s) 
             lines.append(f"- llama.cpp 16 sequences: not measured ({llama.get('batch16_error')})")
     else:
         lines.append(f"- llama.cpp: not measured: {llama}")
-    by_c = {c: s for c, s, _ in rows}
     lines += [
         "",
         "Ratios (each sweep against the bare runner measured beside it; median [min-max] over sweeps). The",
@@ -515,8 +624,13 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s) 
     if isinstance(llama, dict) and "batch16_step_s" in llama and 16 in by_c:
         ratio = by_c[16]["out_tok_s"] / (16 / llama["batch16_step_s"])
         lines.append(
-            f"- served tok/s at concurrency 16 / llama.cpp batched decode of 16 (no HTTP, no prefill): {ratio:.2f} "
-            "(goal: >= 1.2x llama.cpp's server, which adds HTTP and prefill to this; its server was not run)"
+            f"- served tok/s at concurrency 16 / llama.cpp batched decode of 16 (no HTTP, no prefill): {ratio:.2f}"
+            + ("" if ratios["vs_llama_server"] else " (llama.cpp's server not run: pass --llama-server)")
+        )
+    if ratios["vs_llama_server"]:
+        lines.append(
+            "- served output tok/s at concurrency 16 / llama.cpp's server at concurrency 16, same sweep: "
+            f"{rng(ratios['vs_llama_server'])} (goal >= 1.2)"
         )
     lines += [
         "",
