@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -235,12 +236,22 @@ def sample_value(families: dict, name: str, labels: dict | None = None, suffix: 
 
 
 def test_overload_gives_429_while_accepted_requests_finish(small):
+    # The engine is held between steps while b takes the one waiting place and c arrives: on a fast, quiet
+    # machine a finished first request would otherwise free the slot in time and c would be accepted.
+    gate = threading.Event()
+    engine_step = small.engine.step
+
+    def held_step():
+        gate.wait(30)
+        return engine_step()
+
     async def run():
         async with httpx.AsyncClient(base_url=small.url, timeout=60) as c:
             body_a = chat_body("first", max_tokens=1000, ignore_eos=True, stream=True)
             async with c.stream("POST", "/v1/chat/completions", json=body_a) as ra:
                 lines = ra.aiter_lines()
                 assert (await lines.__anext__()).startswith("data: ")
+                small.engine.step = held_step  # a running, a's slot taken: nothing is admitted from here
                 task_b = asyncio.create_task(
                     c.post("/v1/chat/completions", json=chat_body("second", max_tokens=5, ignore_eos=True))
                 )
@@ -250,13 +261,18 @@ def test_overload_gives_429_while_accepted_requests_finish(small):
                     await asyncio.sleep(0.005)
                 assert small.engine.num_waiting == 1
                 rc = await c.post("/v1/chat/completions", json=chat_body("third", max_tokens=5))
+                gate.set()
                 rest = [line async for line in lines if line]
             rb = await task_b
             return rc, rest, rb
 
     families, _ = metrics_of(small.url)
     before = sample_value(families, "instructlm_request_failure", {"reason": "queue_full"}, "_total")
-    rc, rest, rb = asyncio.run(run())
+    try:
+        rc, rest, rb = asyncio.run(run())
+    finally:
+        gate.set()
+        vars(small.engine).pop("step", None)  # the class's step again
     assert_error(rc, 429, type_="rate_limit_error", code="queue_full")
     assert rc.headers["retry-after"] == "1"
     assert rest[-1] == "data: [DONE]"
