@@ -180,16 +180,7 @@ class Submission:
                 "prompt",
                 extra={"fields": {"request_id": request_id, "prompt": state.tokenizer.decode(prompt, False)}},
             )
-        try:
-            engine.submit(self.seqs)
-        except QueueFullError as exc:
-            raise APIError(
-                429, f"server busy: {exc}; retry later", code="queue_full", headers={"Retry-After": "1"}
-            ) from None
-        except DrainingError:
-            raise APIError(
-                503, "the server is shutting down", code="draining", headers={"Retry-After": "1"}
-            ) from None
+        submit(engine, self.seqs)
         self.remaining = len(self.seqs)
 
     async def outputs(self, request: Request | None = None) -> AsyncIterator[list[Output]]:
@@ -198,18 +189,12 @@ class Submission:
 
         A stream notices a departed client when a write fails; a non-streaming request writes nothing until
         the end, so it passes `request` and this also watches the ASGI channel for `http.disconnect`."""
-        watcher = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        watcher = watch_disconnect(request)
         try:
             while self.remaining:
-                if watcher is None:
-                    outs = await self.queue.get()
-                else:
-                    getter = asyncio.ensure_future(self.queue.get())
-                    await asyncio.wait((getter, watcher), return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        return  # the client left: the finally clause aborts what is still running
-                    outs = getter.result()
+                outs = await next_outputs(self.queue, watcher)
+                if outs is None:
+                    return  # the client left: the finally clause aborts what is still running
                 self.remaining -= sum(1 for o in outs if o.finish_reason is not None)
                 yield outs
         finally:
@@ -226,6 +211,39 @@ class Submission:
             total_tokens=self.prompt_tokens + completion_tokens,
             prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached),
         )
+
+
+def submit(engine: Engine, seqs: list[Sequence]) -> None:
+    """Put a request's sequences on the engine, or map its refusal to the API's 429 / 503."""
+    try:
+        engine.submit(seqs)
+    except QueueFullError as exc:
+        raise APIError(
+            429, f"server busy: {exc}; retry later", code="queue_full", headers={"Retry-After": "1"}
+        ) from None
+    except DrainingError:
+        raise APIError(
+            503, "the server is shutting down", code="draining", headers={"Retry-After": "1"}
+        ) from None
+
+
+def watch_disconnect(request: Request | None) -> asyncio.Future | None:
+    """A future that completes when the client of a non-streaming request has gone (None: don't watch)."""
+    return asyncio.ensure_future(_disconnected(request)) if request is not None else None
+
+
+async def next_outputs(
+    queue: asyncio.Queue[list[Output]], watcher: asyncio.Future | None
+) -> list[Output] | None:
+    """The next step's outputs, or None once `watcher` says the client has gone."""
+    if watcher is None:
+        return await queue.get()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait((getter, watcher), return_when=asyncio.FIRST_COMPLETED)
+    if not getter.done():
+        getter.cancel()
+        return None
+    return getter.result()
 
 
 async def _disconnected(request: Request) -> None:

@@ -29,9 +29,9 @@ from model.chat import encode_chat
 from model.errors import UserError
 from model.sampling import SamplingParams
 from service.api.errors import APIError, clip
-from service.api.generation import DONE, ServerState, new_id
+from service.api.generation import DONE, ServerState, new_id, next_outputs, submit, watch_disconnect
 from service.api.security import require_api_key
-from service.engine import DrainingError, QueueFullError, Sequence
+from service.engine import Sequence
 from service.tasks import content as C
 from service.tasks import customer_service as CS
 from service.tasks import translation as T
@@ -328,35 +328,33 @@ class Generation:
         ]
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
-        try:
-            engine.submit(self.seqs)
-        except QueueFullError as exc:
-            raise APIError(
-                429, f"server busy: {exc}; retry later", code="queue_full", headers={"Retry-After": "1"}
-            ) from None
-        except DrainingError:
-            raise APIError(
-                503, "the server is shutting down", code="draining", headers={"Retry-After": "1"}
-            ) from None
+        submit(engine, self.seqs)
         self.remaining = len(self.seqs)
 
-    async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
+    async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, str, str | None]]:
+        """`request`: a non-streaming caller's, so a departed client stops the work (see Submission.outputs)."""
+        watcher = watch_disconnect(request)
         try:
             while self.remaining:
-                for out in await self.queue.get():
+                outs = await next_outputs(self.queue, watcher)
+                if outs is None:
+                    return
+                for out in outs:
                     if out.finish_reason is not None:
                         self.remaining -= 1
                         self.completion_tokens += out.completion_tokens
                     yield out.index, out.text, out.finish_reason
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if self.remaining:
                 for s in self.seqs:
                     self.engine.abort(s)
 
-    async def texts(self) -> tuple[list[str], list[str]]:
+    async def texts(self, request: Request | None = None) -> tuple[list[str], list[str]]:
         texts = [[] for _ in self.seqs]
         finish = [""] * len(self.seqs)
-        async for i, text, reason in self.events():
+        async for i, text, reason in self.events(request):
             texts[i].append(text)
             if reason:
                 finish[i] = reason
@@ -429,11 +427,13 @@ class CustomerServiceController(Controller):
     async def chat(self, state: State, request: Request, data: JSONBody[CustomerServiceRequest]) -> Response:
         tasks = _tasks(state)
         return await _measured(
-            tasks, "customer_service", lambda t: _customer_service(state.server, tasks, data, t)
+            tasks, "customer_service", lambda t: _customer_service(state.server, tasks, data, t, request)
         )
 
 
-async def _customer_service(srv: ServerState, tasks: TaskState, data: CustomerServiceRequest, timer: _Timed):
+async def _customer_service(
+    srv: ServerState, tasks: TaskState, data: CustomerServiceRequest, timer: _Timed, request: Request
+):
     cs = tasks.settings.customer_service
     messages = [{"role": m.role, "content": m.content} for m in data.messages]
     try:
@@ -539,7 +539,7 @@ async def _customer_service(srv: ServerState, tasks: TaskState, data: CustomerSe
     rid = new_id("cs")
     guard = tasks.guards["customer_service"]
     if not data.stream:
-        texts, finish = await gen.texts()
+        texts, finish = await gen.texts(request)
         g = guard.apply(texts[0].strip())
         _count_guard(tasks, "customer_service", g.hits)
         return CustomerServiceResponse(
@@ -606,10 +606,10 @@ class ContentController(Controller):
     @post(status_code=200, summary="Content generation: article, ad copy or story from a brief (JSON or SSE)")
     async def generate(self, state: State, request: Request, data: JSONBody[ContentRequest]) -> Response:
         tasks = _tasks(state)
-        return await _measured(tasks, "content", lambda t: _content(state.server, tasks, data, t))
+        return await _measured(tasks, "content", lambda t: _content(state.server, tasks, data, t, request))
 
 
-async def _content(srv: ServerState, tasks: TaskState, data: ContentRequest, timer: _Timed):
+async def _content(srv: ServerState, tasks: TaskState, data: ContentRequest, timer: _Timed, request: Request):
     cfg = tasks.settings.content
     try:
         C.check_brief(data.kind, data.topic, data.keywords, data.target_words, cfg.min_words, cfg.max_words)
@@ -634,7 +634,7 @@ async def _content(srv: ServerState, tasks: TaskState, data: ContentRequest, tim
         }
 
     if not data.stream:
-        texts, finish = await gen.texts()
+        texts, finish = await gen.texts(request)
         g = guard.apply(texts[0].strip())
         _count_guard(tasks, "content", g.hits)
         f = final(g.text, finish[0], g.hits)
@@ -694,12 +694,16 @@ class TranslateController(Controller):
     tags = ["tasks"]
 
     @post(status_code=200, summary="Translate one text or a list (sentences translated as one batch)")
-    async def translate(self, state: State, data: JSONBody[TranslateRequest]) -> Response:
+    async def translate(self, state: State, request: Request, data: JSONBody[TranslateRequest]) -> Response:
         tasks = _tasks(state)
-        return await _measured(tasks, "translate", lambda t: _translate(state.server, tasks, data, t))
+        return await _measured(
+            tasks, "translate", lambda t: _translate(state.server, tasks, data, t, request)
+        )
 
 
-async def _translate(srv: ServerState, tasks: TaskState, data: TranslateRequest, timer: _Timed):
+async def _translate(
+    srv: ServerState, tasks: TaskState, data: TranslateRequest, timer: _Timed, request: Request
+):
     cfg = tasks.settings.translation
     texts = [data.text] if isinstance(data.text, str) else list(data.text)
     if not texts:
@@ -749,7 +753,7 @@ async def _translate(srv: ServerState, tasks: TaskState, data: TranslateRequest,
         return results, hits_total
 
     if not data.stream:
-        outs, _ = await gen.texts()
+        outs, _ = await gen.texts(request)
         results, hits = assemble(outs)
         return TranslateResponse(rid, results, _guard_report(hits), gen.usage())
 

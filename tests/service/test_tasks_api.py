@@ -439,3 +439,57 @@ def test_translate_stream_sse_sentences_then_the_joined_texts(live):
     full = post(live, "/v1/translate", body).json()
     # Greedy: the streamed sentences, joined, are the JSON answer.
     assert [t["text"] for t in done["translations"]] == [t["text"] for t in full["translations"]]
+
+
+def test_non_streaming_task_request_stops_when_its_client_leaves(live):
+    """The engine is held while the client sends a content brief and hangs up; once released, the request is
+    dropped as a client disconnect instead of generating its answer for nobody."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def disconnects() -> float:
+        text = httpx.get(f"{live.url}/metrics", timeout=10).text
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "instructlm_client_disconnects":
+                return sum(s.value for s in fam.samples if s.name.endswith("_total"))
+        raise AssertionError("no instructlm_client_disconnects in /metrics")
+
+    before = disconnects()
+    gate = threading.Event()
+    engine_step = live.engine.step
+    live.engine.step = lambda: (gate.wait(30), engine_step())[1]
+    try:
+        body = msgspec.json.encode(
+            {
+                "kind": "story",
+                "topic": "a lost phone",
+                "keywords": ["storm"],
+                "tone": "warm",
+                "target_words": 120,
+            }
+        )
+        url = urlsplit(live.url)
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/content/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            for _ in range(400):  # bounded wait until the request is on the engine
+                if live.engine.num_waiting == 1:
+                    break
+                time.sleep(0.005)
+            assert live.engine.num_waiting == 1
+        time.sleep(0.2)  # the server reads the hang-up while the engine is held
+    finally:
+        gate.set()
+        vars(live.engine).pop("step", None)
+    for _ in range(400):
+        if not live.engine.has_work():
+            break
+        time.sleep(0.01)
+    assert not live.engine.running
+    assert disconnects() == before + 1
