@@ -250,8 +250,15 @@ def test_overload_gives_429_while_accepted_requests_finish(small):
             body_a = chat_body("first", max_tokens=1000, ignore_eos=True, stream=True)
             async with c.stream("POST", "/v1/chat/completions", json=body_a) as ra:
                 lines = ra.aiter_lines()
-                assert (await lines.__anext__()).startswith("data: ")
+                # The role chunk is sent before a is admitted; a token chunk means a holds the slot.
+                first = [await lines.__anext__() for _ in range(3)]
+                assert first[0].startswith("data: ") and '"content":""' not in first[2].replace(" ", "")
+                for _ in range(400):
+                    if small.engine.num_waiting == 0 and len(small.engine.running) == 1:
+                        break
+                    await asyncio.sleep(0.005)
                 small.engine.step = held_step  # a running, a's slot taken: nothing is admitted from here
+                assert small.engine.num_waiting == 0
                 task_b = asyncio.create_task(
                     c.post("/v1/chat/completions", json=chat_body("second", max_tokens=5, ignore_eos=True))
                 )
