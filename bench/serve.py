@@ -118,8 +118,10 @@ class Bare:
         self.runner = OnnxRunner(bundle, num_slots=16, max_len=1024, threads=threads)
         self.prompts = prompt_ids
 
-    def measure(self, batch: int, steps: int = 48) -> tuple[float, float]:
-        """(median step seconds, mean tokens/s) of `steps` greedy decode steps after a real prefill."""
+    def measure(self, batch: int, steps: int) -> tuple[float, float]:
+        """(median step seconds, mean tokens/s) of `steps` greedy decode steps after a real prefill: called with
+        max_tokens - 1, the steps decode the same positions the served requests do (a step's cost grows with
+        its context, so fewer steps would time shorter contexts than the server runs). The first 4 are warm-up."""
         r = self.runner
         rows = [self.prompts[i % len(self.prompts)] for i in range(batch)]
         for slot in range(batch):
@@ -469,18 +471,21 @@ def main() -> int:
     ratios: dict[str, list[float]] = {"itl": [], "tpot": [], "tps16": [], "vs_llama_server": []}
     bare_seen: dict[int, list[tuple[float, float]]] = {1: [], 16: []}
     try:
-        asyncio.run(load(url, 2, 4, 8))  # warm-up: sessions, allocator, connections
+        # Warm-up, one unmeasured round at each level: sessions, allocator, the
+        # batch shapes and the slots' cache pages are first touched here, not in the first measured sweep.
+        for c in args.concurrency:
+            asyncio.run(load(url, c, c, args.max_tokens))
         if lls:
             asyncio.run(load(lls[1], 2, 4, 8))
         for rep in range(args.repeat):
             for c in args.concurrency:
                 n = args.requests_per_level or max(8, 2 * c)
                 b = 1 if c == 1 else 16 if c == 16 else None
-                pre = bare.measure(b) if b else None
+                pre = bare.measure(b, args.max_tokens - 1) if b else None
                 before = scrape_profile(url)
                 results, wall = asyncio.run(load(url, c, n, args.max_tokens))
                 after = scrape_profile(url)
-                post = bare.measure(b) if b else None
+                post = bare.measure(b, args.max_tokens - 1) if b else None
                 for k in after:
                     prof_c[c][k] = prof_c[c].get(k, 0) + after.get(k, 0) - before.get(k, 0)
                 st = summarize(results, wall)

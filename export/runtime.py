@@ -185,6 +185,9 @@ class OnnxRunner:
         # one fancy-index assignment (batch 16, demo shape: 9 us, vs 21 us for one per layer and kind, timed
         # alone); k and v are views of it, and each layer's k or v is one contiguous block, bound below.
         self._kv = np.zeros((n, 2, self.num_slots, kv, cache_len, d), dtype=np.float32)
+        # Commit the memory now (np.zeros maps pages lazily): otherwise each slot's first use page-faults in
+        # the middle of serving, and the process's memory grows under load instead of being known at start.
+        self._kv.fill(0.0)
         self.k, self.v = self._kv[:, 0], self._kv[:, 1]
         self.lengths = np.zeros(self.num_slots, dtype=np.int64)
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0

@@ -327,3 +327,21 @@ def test_random_engine_schedule_matches_pytorch(tiny_model, tiny_bundle):
             lengths[s] = 0
         assert runner.lengths.tolist() == lengths
     assert 0 < worst <= TOL
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux's /proc")
+def test_the_cache_is_resident_from_the_start(tiny_bundle):
+    """The slot cache is committed when the runner opens (np.zeros alone maps pages lazily): the process's
+    memory is known at start and a slot's first use does not page-fault in the middle of serving."""
+    before = _resident_bytes()
+    runner = OnnxRunner(tiny_bundle, num_slots=256, max_len=256, threads=1)
+    grown = _resident_bytes() - before
+    assert runner._kv.nbytes >= 32 << 20  # large enough to stand out from the session's own allocations
+    assert grown >= 0.95 * runner._kv.nbytes, (grown, runner._kv.nbytes)

@@ -142,3 +142,19 @@ def test_request_past_its_timeout_is_cut_and_counted(tiny_checkpoint, tiny_token
     assert s.finish_reason == "length" and len(s.output) == 3 and not engine.running
     assert got[0][-1].finish_reason == "length" and got[0][-1].completion_tokens == 3
     assert engine.metrics.failure.labels(reason="timeout")._value.get() == 1
+
+
+def test_a_freed_slot_is_the_next_one_given_out(tiny_checkpoint, tiny_tokenizer):
+    """Slots are reused most-recently-freed first, so a lightly loaded server keeps using the slots whose cache
+    rows are warm instead of cycling through all of them."""
+    engine = make_engine(tiny_checkpoint, tiny_tokenizer, "torch", slots=4)
+    a = Sequence(chat_ids(tiny_tokenizer, PROMPTS[0]), GREEDY, max_tokens=3, ignore_eos=True)
+    b = Sequence(chat_ids(tiny_tokenizer, PROMPTS[1]), GREEDY, max_tokens=6, ignore_eos=True)
+    engine.submit([a, b])
+    engine.step()
+    assert (a.slot, b.slot) == (0, 1)
+    run_until_done(engine)  # a ends first, then b
+    c = Sequence(chat_ids(tiny_tokenizer, PROMPTS[2]), GREEDY, max_tokens=2, ignore_eos=True)
+    engine.submit([c])
+    engine.step()
+    assert c.slot == b.slot  # the last one freed, not slot 2 that has never been used
