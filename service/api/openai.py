@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
@@ -23,6 +23,7 @@ from service.api.generation import (
     token_text,
 )
 from service.api.security import require_api_key
+from service.engine import Output
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -90,52 +91,64 @@ class ChatController(Controller):
         return Response(body, status_code=200)
 
 
-async def _chat_stream(
-    srv: ServerState, sub: Submission, rid: str, created: int, include_usage: bool
+async def _stream_chunks(
+    sub: Submission,
+    include_usage: bool,
+    choice: Callable[[Output], object | None],
+    chunk: Callable[..., object],
 ) -> AsyncIterator[bytes]:
-    tokenizer = srv.tokenizer
-    model = srv.model_name
-    yield sse(
-        P.ChatCompletionChunk(
-            id=rid,
-            created=created,
-            model=model,
-            choices=[
-                P.ChatChunkChoice(index=s.index, delta=P.Delta(role="assistant", content=""))
-                for s in sub.seqs
-            ],
-        )
-    )
+    """The SSE loop both OpenAI endpoints share: one chunk per engine step with the choices `choice` builds
+    (None: nothing to send yet), the usage chunk when asked for, then [DONE]. `chunk(choices, usage=None)`
+    wraps them in the endpoint's chunk type."""
     completion = cached = 0
-    want_lp = sub.seqs[0].logprobs is not None
     async for outs in sub.outputs():
         choices = []
         for o in outs:
             if o.finish_reason == "abort":
                 continue
-            lp = chat_logprob(tokenizer, o) if want_lp else None
-            if not o.text and o.finish_reason is None and lp is None:
-                continue  # a held-back character or stop-string prefix: nothing to send yet
-            choices.append(
-                P.ChatChunkChoice(
-                    index=o.index,
-                    delta=P.Delta(content=o.text) if o.text else P.Delta(),
-                    finish_reason=o.finish_reason,
-                    logprobs=P.ChoiceLogprobs(content=[lp]) if lp is not None else None,
-                )
-            )
+            c = choice(o)
+            if c is None:
+                continue
+            choices.append(c)
             if o.finish_reason is not None:
                 completion += o.completion_tokens
                 cached = o.cached_tokens
         if choices:
-            yield sse(P.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices))
+            yield sse(chunk(choices))
     if include_usage:
-        yield sse(
-            P.ChatCompletionChunk(
-                id=rid, created=created, model=model, choices=[], usage=sub.usage(completion, cached)
-            )
-        )
+        yield sse(chunk([], usage=sub.usage(completion, cached)))
     yield DONE
+
+
+async def _chat_stream(
+    srv: ServerState, sub: Submission, rid: str, created: int, include_usage: bool
+) -> AsyncIterator[bytes]:
+    tokenizer = srv.tokenizer
+    model = srv.model_name
+
+    def chunk(choices, usage=None):
+        return P.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
+
+    yield sse(
+        chunk(
+            [P.ChatChunkChoice(index=s.index, delta=P.Delta(role="assistant", content="")) for s in sub.seqs]
+        )
+    )
+    want_lp = sub.seqs[0].logprobs is not None
+
+    def choice(o: Output) -> P.ChatChunkChoice | None:
+        lp = chat_logprob(tokenizer, o) if want_lp else None
+        if not o.text and o.finish_reason is None and lp is None:
+            return None  # a held-back character or stop-string prefix: nothing to send yet
+        return P.ChatChunkChoice(
+            index=o.index,
+            delta=P.Delta(content=o.text) if o.text else P.Delta(),
+            finish_reason=o.finish_reason,
+            logprobs=P.ChoiceLogprobs(content=[lp]) if lp is not None else None,
+        )
+
+    async for data in _stream_chunks(sub, include_usage, choice, chunk):
+        yield data
 
 
 class CompletionsController(Controller):
@@ -224,42 +237,30 @@ async def _completion_stream(
 ) -> AsyncIterator[bytes]:
     tokenizer = srv.tokenizer
     model = srv.model_name
+
+    def chunk(choices, usage=None):
+        return P.Completion(id=rid, created=created, model=model, choices=choices, usage=usage)
+
     if echo:
-        choices = [P.CompletionChoice(index=s.index, text=echo, finish_reason=None) for s in sub.seqs]
-        yield sse(P.Completion(id=rid, created=created, model=model, choices=choices))
-    completion = cached = 0
+        yield sse(chunk([P.CompletionChoice(index=s.index, text=echo, finish_reason=None) for s in sub.seqs]))
     want_lp = sub.seqs[0].logprobs is not None
     offsets = [len(echo)] * len(sub.seqs)
-    async for outs in sub.outputs():
-        choices = []
-        for o in outs:
-            if o.finish_reason == "abort":
-                continue
-            logprobs = None
-            if want_lp and o.token is not None:
-                acc = _CompletionLogprobs(offsets[o.index])
-                acc.add(tokenizer, o)
-                offsets[o.index] = acc.offset
-                logprobs = acc.build()
-            if not o.text and o.finish_reason is None and logprobs is None:
-                continue
-            choices.append(
-                P.CompletionChoice(
-                    index=o.index, text=o.text, finish_reason=o.finish_reason, logprobs=logprobs
-                )
-            )
-            if o.finish_reason is not None:
-                completion += o.completion_tokens
-                cached = o.cached_tokens
-        if choices:
-            yield sse(P.Completion(id=rid, created=created, model=model, choices=choices))
-    if include_usage:
-        yield sse(
-            P.Completion(
-                id=rid, created=created, model=model, choices=[], usage=sub.usage(completion, cached)
-            )
+
+    def choice(o: Output) -> P.CompletionChoice | None:
+        logprobs = None
+        if want_lp and o.token is not None:
+            acc = _CompletionLogprobs(offsets[o.index])
+            acc.add(tokenizer, o)
+            offsets[o.index] = acc.offset
+            logprobs = acc.build()
+        if not o.text and o.finish_reason is None and logprobs is None:
+            return None
+        return P.CompletionChoice(
+            index=o.index, text=o.text, finish_reason=o.finish_reason, logprobs=logprobs
         )
-    yield DONE
+
+    async for data in _stream_chunks(sub, include_usage, choice, chunk):
+        yield data
 
 
 class ModelsController(Controller):
