@@ -483,7 +483,13 @@ def test_non_streaming_task_request_stops_when_its_client_leaves(live):
                     break
                 time.sleep(0.005)
             assert live.engine.num_waiting == 1
-        time.sleep(0.2)  # the server reads the hang-up while the engine is held
+        # The engine is held, so the request stays queued until the server has read the hang-up and cancelled it.
+        queued = list(live.engine._inbox) + list(live.engine.waiting)
+        for _ in range(1000):  # bounded: 10 s
+            if any(s.cancelled for s in queued):
+                break
+            time.sleep(0.01)
+        assert any(s.cancelled for s in queued)
     finally:
         gate.set()
         vars(live.engine).pop("step", None)
