@@ -6,7 +6,8 @@ a fixed prompt set at concurrency 1, 4, 16, 64, and in the same run the baseline
 
 Without --model (or when runs/demo/bundle is missing) it builds a random-weight model of the demo shape (6.5M
 parameters; speed does not depend on the weights) with a tokenizer trained on data/seed, exports it, and uses
-that. Requests are greedy with `ignore_eos` so every one generates exactly --max-tokens tokens.
+that. Requests are greedy with `ignore_eos` so every one generates exactly --max-tokens tokens; each stream sends
+8 of them over one kept-alive connection (--requests-per-level, --no-keep-alive).
 
 Reported: TTFT, TPOT and ITL p50/p99 (client side, SSE), output tokens/s and requests/s per concurrency; the
 bare ONNX runner's decode step at batch 1 and 16; transformers `generate`; llama.cpp via llama-cpp-python on the
@@ -311,57 +312,100 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def one_request(host: str, port: int, prompt: str, max_tokens: int) -> dict:
-    """One streamed chat request over a bare asyncio connection: the client shares the 2 cores with the
-    server, so it does as little as it can (no HTTP library, no JSON per token; only the usage chunk is parsed)."""
-    body = json.dumps(
-        {
-            "model": "bench",
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    t0 = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-    status = await reader.readline()
-    if b" 200 " not in status:
-        raise RuntimeError(f"HTTP {status!r}: {(await reader.read())[:300]!r}")
-    times: list[float] = []
-    usage = None
-    # Chunked transfer encoding: each SSE event arrives in one chunk, so its `data:` line is a whole line.
-    async for line in reader:
-        if not line.startswith(b"data: {"):
-            if line.startswith(b"data: [DONE]"):
+class Connection:
+    """One client's HTTP/1.1 connection to a server, reused for its requests (keep-alive, as vLLM's `bench serve`
+    and the OpenAI SDK do) unless `keep_alive` is off. The client shares the 2 cores with the server, so it does
+    as little as it can: no HTTP library, no JSON per token; only the usage chunk is parsed."""
+
+    def __init__(self, host: str, port: int, keep_alive: bool = True) -> None:
+        self.host, self.port, self.keep_alive = host, port, keep_alive
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+    async def request(self, prompt: str, max_tokens: int) -> dict:
+        body = json.dumps(
+            {
+                "model": "bench",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+        for _ in range(2):
+            reused = self.writer is not None
+            t0 = time.perf_counter()
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                self.writer.write(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                    b"Connection: %s\r\nContent-Length: %d\r\n\r\n%s"
+                    % (b"keep-alive" if self.keep_alive else b"close", len(body), body)
+                )
+                status = await self.reader.readline()
+            except ConnectionError:
+                if not reused:
+                    raise
+                status = b""
+            if status or not reused:
                 break
-            continue
-        if b'"usage":{' in line:
-            usage = json.loads(line[6:])["usage"]
-        elif b'"content":' in line and b'"role":"assistant"' not in line:
-            times.append(time.perf_counter())
-    end = time.perf_counter()
-    writer.close()
-    n = usage["completion_tokens"] if usage else len(times)
-    prompt_n = usage.get("prompt_tokens") if usage else None
-    return {"start": t0, "times": times, "end": end, "tokens": n, "prompt_tokens": prompt_n}
+            # The server closed the kept connection after its last response (llama-server does after a
+            # stream, whatever its Keep-Alive header says): open a new one and send again, as HTTP clients do.
+            await self.close()
+        reader = self.reader
+        if b" 200 " not in status:
+            raise RuntimeError(f"HTTP {status!r}: {(await reader.read(300))!r}")
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+        if headers.get("transfer-encoding") != "chunked":
+            raise RuntimeError(f"expected a chunked SSE response, got headers {headers}")
+        times: list[float] = []
+        usage = None
+        while True:  # one chunk at a time; the servers send each SSE event in one chunk
+            size = int((await reader.readline()).split(b";")[0], 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            for ev in data.split(b"\n"):
+                if not ev.startswith(b"data: {"):
+                    continue
+                if b'"usage":{' in ev:
+                    usage = json.loads(ev[6:])["usage"]
+                elif b'"content":' in ev and b'"role":"assistant"' not in ev:
+                    times.append(time.perf_counter())
+        end = time.perf_counter()
+        if not self.keep_alive or headers.get("connection") == "close":
+            await self.close()
+        n = usage["completion_tokens"] if usage else len(times)
+        prompt_n = usage.get("prompt_tokens") if usage else None
+        return {"start": t0, "times": times, "end": end, "tokens": n, "prompt_tokens": prompt_n}
 
 
-async def load(url: str, concurrency: int, num_requests: int, max_tokens: int) -> tuple[list[dict], float]:
+async def load(
+    url: str, concurrency: int, num_requests: int, max_tokens: int, keep_alive: bool = True
+) -> tuple[list[dict], float]:
     host, port = url.removeprefix("http://").split(":")
     queue = list(range(num_requests))
     results: list[dict] = []
 
     async def worker():
-        while queue:
-            i = queue.pop()
-            results.append(await one_request(host, int(port), PROMPTS[i % len(PROMPTS)], max_tokens))
+        conn = Connection(host, int(port), keep_alive)
+        try:
+            while queue:
+                i = queue.pop()
+                results.append(await conn.request(PROMPTS[i % len(PROMPTS)], max_tokens))
+        finally:
+            await conn.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -417,7 +461,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--requests-per-level", type=int, default=0, help="0: max(8, 2 x concurrency)")
+    ap.add_argument(
+        "--requests-per-level",
+        type=int,
+        default=0,
+        help="0: max(8, 8 x concurrency): every stream sends 8 requests, so the start and the tail of a sweep "
+        "(streams joining and leaving) weigh little against the steady state the bare rate is",
+    )
+    ap.add_argument(
+        "--no-keep-alive",
+        action="store_true",
+        help="a new connection per request (default: each stream keeps one, as vLLM's bench and the OpenAI SDK)",
+    )
     ap.add_argument(
         "--repeat", type=int, default=3, help="sweeps; tables give medians, ratios median [min-max]"
     )
@@ -479,11 +534,11 @@ def main() -> int:
             asyncio.run(load(lls[1], 2, 4, 8))
         for rep in range(args.repeat):
             for c in args.concurrency:
-                n = args.requests_per_level or max(8, 2 * c)
+                n = args.requests_per_level or max(8, 8 * c)
                 b = 1 if c == 1 else 16 if c == 16 else None
                 pre = bare.measure(b, args.max_tokens - 1) if b else None
                 before = scrape_profile(url)
-                results, wall = asyncio.run(load(url, c, n, args.max_tokens))
+                results, wall = asyncio.run(load(url, c, n, args.max_tokens, not args.no_keep_alive))
                 after = scrape_profile(url)
                 post = bare.measure(b, args.max_tokens - 1) if b else None
                 for k in after:
@@ -507,7 +562,9 @@ def main() -> int:
                 )
                 if lls and c == 16:
                     # Right after ours, same prompts, same count, same max_tokens, greedy with ignore_eos.
-                    theirs = summarize(*asyncio.run(load(lls[1], c, n, args.max_tokens)))
+                    theirs = summarize(
+                        *asyncio.run(load(lls[1], c, n, args.max_tokens, not args.no_keep_alive))
+                    )
                     lls_runs.append(theirs)
                     ratios["vs_llama_server"].append(st["out_tok_s"] / theirs["out_tok_s"])
                     print(
@@ -552,7 +609,13 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s, 
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
         f"Model: {source}; ONNX runner, {args.threads} intra-op thread(s); greedy, `ignore_eos`, "
-        f"{args.max_tokens} output tokens per request; {args.repeat} sweeps, medians shown; server ready "
+        f"{args.max_tokens} output tokens per request; "
+        + (
+            "a new connection per request"
+            if args.no_keep_alive
+            else "each stream keeps its connection (keep-alive)"
+        )
+        + f"; {args.repeat} sweeps, medians shown; server ready "
         f"{ready_s:.1f} s after start (warm start).",
         "",
         "| concurrency | requests | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | ITL p99 ms | output tok/s | req/s |",
