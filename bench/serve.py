@@ -113,16 +113,29 @@ class Bare:
     """The bare runner kept open, so it can be measured right before and after each load level: on a shared
     machine the baseline must come from the same minutes as the served numbers it divides."""
 
-    def __init__(self, bundle: Path, threads: int, prompt_ids: list[list[int]]) -> None:
+    def __init__(
+        self, bundle: Path, threads: int, prompt_ids: list[list[int]], cpus: set[int] | None = None
+    ) -> None:
         from export.runtime import OnnxRunner
 
         self.runner = OnnxRunner(bundle, num_slots=16, max_len=1024, threads=threads)
         self.prompts = prompt_ids
+        self.cpus = cpus  # with --engine-cpus: measured on the CPUs the server's engine runs on
 
     def measure(self, batch: int, steps: int) -> tuple[float, float]:
         """(median step seconds, mean tokens/s) of `steps` greedy decode steps after a real prefill: called with
         max_tokens - 1, the steps decode the same positions the served requests do (a step's cost grows with
         its context, so fewer steps would time shorter contexts than the server runs). The first 4 are warm-up."""
+        if self.cpus:
+            before = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, self.cpus)
+            try:
+                return self._measure(batch, steps)
+            finally:
+                os.sched_setaffinity(0, before)
+        return self._measure(batch, steps)
+
+    def _measure(self, batch: int, steps: int) -> tuple[float, float]:
         r = self.runner
         rows = [self.prompts[i % len(self.prompts)] for i in range(batch)]
         for slot in range(batch):
@@ -244,7 +257,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, threads: int, max_seqs: int) -> tuple[subprocess.Popen, str, float]:
+def start_server(
+    bundle: Path, threads: int, max_seqs: int, engine_cpus: str | None = None
+) -> tuple[subprocess.Popen, str, float]:
     import httpx
 
     port = free_port()
@@ -252,7 +267,7 @@ def start_server(bundle: Path, threads: int, max_seqs: int) -> tuple[subprocess.
     cmd = [
         sys.executable, "-m", "instructlm", "serve", "--model", str(bundle), "--port", str(port),
         "--threads", str(threads), "--max-num-seqs", str(max_seqs), "--served-model-name", "bench",
-    ]  # fmt: skip
+    ] + (["--engine-cpus", engine_cpus] if engine_cpus else [])  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -469,6 +484,11 @@ def main() -> int:
         "(streams joining and leaving) weigh little against the steady state the bare rate is",
     )
     ap.add_argument(
+        "--engine-cpus",
+        help="the server's engine_cpus (auto, or a list like 1): the engine on CPUs of its own; the load generator "
+        "then runs on the others and the bare runner on the engine's (default: off)",
+    )
+    ap.add_argument(
         "--no-keep-alive",
         action="store_true",
         help="a new connection per request (default: each stream keeps one, as vLLM's bench and the OpenAI SDK)",
@@ -510,7 +530,15 @@ def main() -> int:
     hf_tok_s = transformers_generate(ckpt, args.threads, prompt_ids[0], args.max_tokens)
     print("baseline: llama.cpp ...", flush=True)
     llama = llama_cpp(ckpt, tmp, args.threads, prompt_ids, args.max_tokens)
-    bare = Bare(bundle, args.threads, prompt_ids)
+    plan = None
+    if args.engine_cpus:
+        from service.affinity import cpu_plan
+
+        plan = cpu_plan(args.engine_cpus, args.threads)
+        if plan is None:
+            ap.error(f"--engine-cpus {args.engine_cpus}: this machine has no CPU to set aside")
+    args.cpu_plan = plan
+    bare = Bare(bundle, args.threads, prompt_ids, plan[0] if plan else None)
 
     lls = None  # llama.cpp's server: (process, url, seconds to ready)
     if args.llama_server:
@@ -520,7 +548,11 @@ def main() -> int:
         lls = start_llama_server(args.llama_server, gguf, args.threads, 16, window, tmp / "llama-server.log")
     lls_runs: list[dict] = []
 
-    proc, url, ready_s = start_server(bundle, args.threads, max(args.concurrency))
+    proc, url, ready_s = start_server(bundle, args.threads, max(args.concurrency), args.engine_cpus)
+    if plan:
+        # The load generator off the engine's CPUs, as the server's own HTTP side (llama-server, started
+        # above, keeps every CPU).
+        os.sched_setaffinity(0, plan[1])
     per_c: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     prof_c: dict[int, dict] = {c: {} for c in args.concurrency}
     ratios: dict[str, list[float]] = {"itl": [], "tpot": [], "tps16": [], "vs_llama_server": []}
@@ -614,6 +646,12 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s, 
             "a new connection per request"
             if args.no_keep_alive
             else "each stream keeps its connection (keep-alive)"
+        )
+        + (
+            f"; engine on CPUs {sorted(args.cpu_plan[0])} (`--engine-cpus {args.engine_cpus}`), HTTP and the load "
+            f"generator on {sorted(args.cpu_plan[1])}"
+            if args.cpu_plan
+            else ""
         )
         + f"; {args.repeat} sweeps, medians shown; server ready "
         f"{ready_s:.1f} s after start (warm start).",

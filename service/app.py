@@ -25,6 +25,7 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 
+from service.affinity import cpu_plan, pin_current_thread
 from service.api.errors import EXCEPTION_HANDLERS
 from service.api.generation import ServerState
 from service.api.health import HealthController, MetricsController
@@ -72,6 +73,9 @@ def _load(srv: ServerState) -> None:
     s = srv.settings
     t0 = time.perf_counter()
     try:
+        if srv.cpu_plan is not None:
+            # Before the runner exists: its intra-op threads and the engine thread inherit this mask.
+            pin_current_thread(srv.cpu_plan[0])
         model_kind(s.model)  # names what the directory lacks before the tokenizer complains about its part
         tokenizer = Tokenizer.load(Path(s.model))
         runner = open_runner(
@@ -144,6 +148,13 @@ def make_lifespan(srv: ServerState):
     @asynccontextmanager
     async def lifespan(app: Litestar):
         _install_drain_on_sigterm(srv)
+        srv.cpu_plan = cpu_plan(srv.settings.engine_cpus, srv.settings.threads)
+        if srv.cpu_plan is not None:
+            engine_cpus, http_cpus = srv.cpu_plan
+            # This thread runs the event loop; threads it starts from now on (the loader, the default
+            # executor's) start from this mask, and the loader moves itself to the engine's CPUs.
+            pin_current_thread(http_cpus)
+            log.info("engine on its own CPUs", extra={"fields": {"engine": sorted(engine_cpus), "http": sorted(http_cpus)}})
         loader = threading.Thread(target=_load, args=(srv,), name="instructlm-load", daemon=True)
         loader.start()
         try:

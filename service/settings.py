@@ -30,6 +30,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device: str = "cpu"
     # Intra-op threads of torch / onnxruntime. 2 cores: more threads than cores slowed a prefill 25x.
     threads: int = 1
+    # CPUs of the engine's own (service/affinity.py): "" off, "auto" (the last `threads` CPUs when one is left
+    # for HTTP), or a list like "1" / "2-5,7". For dedicated machines and exclusive Kubernetes cores only.
+    engine_cpus: str = ""
     # KV-cache slots = the most sequences decoding at once (vLLM's max_num_seqs).
     max_num_seqs: int = 16
     # Positions per slot; 0 means the model's context window.
@@ -78,6 +81,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"serve settings: {name} {why}, got {getattr(self, name)!r}")
+        if self.engine_cpus.strip() not in ("", "off", "auto"):
+            from service.affinity import parse_cpu_list
+
+            parse_cpu_list(self.engine_cpus)  # the syntax now; the machine's CPUs when the server starts
 
     @property
     def model_name(self) -> str:

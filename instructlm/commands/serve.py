@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch runner: cpu or cuda")
     p.add_argument("--threads", type=int, help="intra-op threads of the runner")
     p.add_argument(
+        "--engine-cpus",
+        dest="engine_cpus",
+        help="CPUs of the engine's own, the rest serve HTTP: auto, off, or a list like 1 or 2-5,7 (default off)",
+    )
+    p.add_argument(
         "--max-num-seqs", dest="max_num_seqs", type=int, help="KV-cache slots (concurrent sequences)"
     )
     p.add_argument(
@@ -46,6 +51,7 @@ FLAG_FIELDS = (
     "served_model_name",
     "device",
     "threads",
+    "engine_cpus",
     "max_num_seqs",
     "max_model_len",
     "log_level",
@@ -59,9 +65,14 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, {k: getattr(args, k) for k in FLAG_FIELDS})
     kind = model_kind(settings.model)
     settings.resolved_api_keys()  # a missing key file fails here, before the server starts
+    from service.affinity import cpu_plan
+
+    plan = cpu_plan(settings.engine_cpus, settings.threads)  # CPUs this machine lacks fail here too
     if args.check:
+        pinned = f", engine on CPUs {sorted(plan[0])}, HTTP on {sorted(plan[1])}" if plan else ""
         print(
             f"settings ok: {kind} {settings.model}, runner {settings.runner}, {settings.host}:{settings.port}"
+            + pinned
         )
         return 0
     from service.gunicorn_app import serve

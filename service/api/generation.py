@@ -41,6 +41,8 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    # (engine CPUs, HTTP CPUs) when settings.engine_cpus pins them (service/affinity.py), else None.
+    cpu_plan: tuple[set[int], set[int]] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
