@@ -3,9 +3,11 @@
 llama.cpp with --cpu-mask: the forward pass then never shares a core with request handling.
 
 Off by default: on a Kubernetes node without exclusive cores (the static CPU manager policy), a container's CPU
-numbers are shared with other pods, and pinning to one of them can only hurt. Measured on the 2-core machine,
-16 streams (docs/BENCHMARKS.md): served / bare batch-16 tokens/s 0.820 pinned vs 0.802 not, 8 interleaved
-sweeps each, and the lowest pinned sweep above the highest spread of the unpinned ones.
+numbers are shared with other pods, and pinning to one of them can only hurt. On the 2-core machine, 16
+streams (docs/BENCHMARKS.md), served / bare batch-16 tokens/s: two servers, 8 interleaved sweeps each, 0.820
+[0.806-0.851] pinned vs 0.802 [0.757-0.833] not; two whole bench/serve.py runs, 0.81 pinned vs 0.82 not. A
+gain of a few percent at most, inside this machine's noise; what it buys for sure is that HTTP work never
+preempts a forward.
 
 Torch-free.
 """

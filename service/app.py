@@ -154,7 +154,10 @@ def make_lifespan(srv: ServerState):
             # This thread runs the event loop; threads it starts from now on (the loader, the default
             # executor's) start from this mask, and the loader moves itself to the engine's CPUs.
             pin_current_thread(http_cpus)
-            log.info("engine on its own CPUs", extra={"fields": {"engine": sorted(engine_cpus), "http": sorted(http_cpus)}})
+            log.info(
+                "engine on its own CPUs",
+                extra={"fields": {"engine": sorted(engine_cpus), "http": sorted(http_cpus)}},
+            )
         loader = threading.Thread(target=_load, args=(srv,), name="instructlm-load", daemon=True)
         loader.start()
         try:
