@@ -50,7 +50,13 @@ def cpu_plan(spec: str, threads: int, available: set[int] | None = None) -> tupl
     spec = spec.strip()
     if spec in ("", "off"):
         return None
-    available = set(os.sched_getaffinity(0)) if available is None else set(available)
+    if available is None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise ConfigError(
+                f"serve settings: engine_cpus {spec!r}: CPU affinity needs Linux; leave it off here"
+            )
+        available = set(os.sched_getaffinity(0))
+    available = set(available)
     if spec == "auto":
         if len(available) <= threads:
             return None
