@@ -14,12 +14,9 @@ Torch-free.
 
 from __future__ import annotations
 
-import logging
 import os
 
 from model.errors import ConfigError
-
-log = logging.getLogger("instructlm.serve")
 
 
 def parse_cpu_list(spec: str) -> set[int]:
