@@ -260,8 +260,6 @@ def free_port() -> int:
 def start_server(
     bundle: Path, threads: int, max_seqs: int, engine_cpus: str | None = None
 ) -> tuple[subprocess.Popen, str, float]:
-    import httpx
-
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "INSTRUCTLM_LOG_LEVEL": "warning"}
     cmd = [
@@ -272,10 +270,19 @@ def start_server(
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    url = f"http://127.0.0.1:{port}"
+    return wait_healthy(proc, f"http://127.0.0.1:{port}", t0, "server", lambda: proc.stderr.read()[-2000:])
+
+
+def wait_healthy(
+    proc: subprocess.Popen, url: str, t0: float, name: str, tail
+) -> tuple[subprocess.Popen, str, float]:
+    """Poll `url`/health until 200 (both servers answer 503 while loading); exit naming `name` and the end of
+    its log (`tail()`) if it dies or is not ready in 120 s."""
+    import httpx
+
     while time.perf_counter() - t0 < 120:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"{name} exited ({proc.returncode}): {tail()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url, time.perf_counter() - t0
@@ -283,7 +290,7 @@ def start_server(
             pass
         time.sleep(0.05)
     proc.kill()
-    raise SystemExit("server not ready in 120 s")
+    raise SystemExit(f"{name} not ready in 120 s: {tail()}")
 
 
 def start_llama_server(
@@ -291,8 +298,6 @@ def start_llama_server(
 ) -> tuple[subprocess.Popen, str, float]:
     """llama.cpp's own server on the GGUF: `slots` slots of `per_slot_ctx` positions each (as ours: the model's
     window per slot), continuous batching, the GGUF's chat template through jinja, `threads` compute threads."""
-    import httpx
-
     port = free_port()
     cmd = [
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", "bench",
@@ -303,19 +308,7 @@ def start_llama_server(
     # Its log goes to a file: it writes a line per request, which would fill a pipe nobody reads.
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - t0 < 120:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            # /health answers 503 while the model loads, 200 once slots are ready.
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, time.perf_counter() - t0
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"llama-server not ready in 120 s: {log.read_text()[-2000:]}")
+    return wait_healthy(proc, f"http://127.0.0.1:{port}", t0, "llama-server", lambda: log.read_text()[-2000:])
 
 
 def stop(proc: subprocess.Popen) -> None:
