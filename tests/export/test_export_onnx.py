@@ -62,11 +62,11 @@ def test_report_counts_ops_and_shows_fusions(report):
     assert exported.get("SimplifiedLayerNormalization", 0) == 0 and exported["ReduceMean"] == 5
     assert optimized["SimplifiedLayerNormalization"] == 5 and "ReduceMean" not in optimized
     assert sum(optimized.values()) < sum(exported.values())
-    # int8: every weight MatMul (7 per layer + lm_head) runs on int8 weights.
+    # int8: every weight MatMul (4 per layer: qkv, o, gate_up, down; + lm_head) runs on int8 weights.
     quantized = int8.get("com.microsoft.DynamicQuantizeMatMul", 0) + int8.get(
         "com.microsoft.MatMulIntegerToFloat", 0
     )
-    assert quantized == 2 * 7 + 1
+    assert quantized == 2 * 4 + 1
 
 
 def test_graphs_check_and_have_dynamic_axes(tiny_bundle, report):
