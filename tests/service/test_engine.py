@@ -1,6 +1,10 @@
-"""The engine stepped by hand: continuous batching checked by the step counter, never by time."""
+"""The engine stepped by hand: continuous batching checked by the step counter, never by time; and on its own
+thread with the output stage (waits bounded by a deadline, never timed)."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 
@@ -158,3 +162,103 @@ def test_a_freed_slot_is_the_next_one_given_out(tiny_checkpoint, tiny_tokenizer)
     engine.submit([c])
     engine.step()
     assert c.slot == b.slot  # the last one freed, not slot 2 that has never been used
+
+
+# --- the engine on its own thread, with the output stage ------------------------------------------------------
+def _wait(cond, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_a_slow_consumer_does_not_hold_up_the_next_forward(tiny_bundle, tiny_tokenizer):
+    """Outputs are built and delivered on the output stage's thread: while a delivery blocks, the engine thread
+    goes on stepping (stepped by hand, or with delivery on the engine thread, it would wait)."""
+    engine = make_engine(tiny_bundle, tiny_tokenizer, "onnx", slots=2)
+    engine.start()
+    try:
+        release, got, threads = threading.Event(), [], set()
+
+        def deliver(outs):
+            threads.add(threading.current_thread().name)
+            if not got:
+                release.wait(30)
+            got.extend(outs)
+
+        s = Sequence(
+            chat_ids(tiny_tokenizer, PROMPTS[0]), GREEDY, max_tokens=40, ignore_eos=True, deliver=deliver
+        )
+        engine.submit([s])
+        _wait(lambda: threads)  # the first delivery has begun and is blocked
+        at = engine.step_count
+        _wait(lambda: engine.step_count >= at + 5)
+        assert not got
+        release.set()
+        _wait(lambda: got and got[-1].finish_reason is not None)
+        _wait(lambda: not engine.running)
+    finally:
+        release.set()
+        engine.stop()
+    assert threads == {"instructlm-output"}
+    assert [o.token for o in got] == s.output and len(s.output) == 40
+    assert got[-1].finish_reason == "length" and got[-1].completion_tokens == 40
+    assert len(engine.free_slots) == 2
+
+
+@pytest.mark.parametrize("lag", ["none", "while_running", "after_the_engine_ended_it"])
+def test_a_stop_string_found_by_the_output_stage_ends_the_run_as_stepped_by_hand(
+    lag, tiny_bundle, tiny_tokenizer
+):
+    """The output stage sees a stop string after the engine has sampled on: one step later as a rule, many when
+    the stage lags (forced here by a first delivery that blocks until the engine is further on). What the
+    engine sampled past the stop is dropped, so text, tokens, usage and the freed slot are the same as when
+    stepped by hand, whether the engine was still running the sequence or had already ended it by length."""
+    prompt = chat_ids(tiny_tokenizer, PROMPTS[4])
+    max_tokens = 48
+
+    def run(stop, threaded, hold=None):
+        engine = make_engine(tiny_bundle, tiny_tokenizer, "onnx", slots=2)
+        got: list = []
+
+        def deliver(outs):
+            if hold is not None and not got:
+                _wait(lambda: hold(engine))
+            got.extend(outs)
+
+        s = Sequence(list(prompt), GREEDY, max_tokens=max_tokens, stop=stop, ignore_eos=True, deliver=deliver)
+        if threaded:
+            engine.start()
+            try:
+                engine.submit([s])
+                _wait(lambda: got and got[-1].finish_reason is not None)
+                _wait(lambda: not engine.running)
+            finally:
+                engine.stop()
+        else:
+            engine.submit([s])
+            run_until_done(engine)
+        assert len(engine.free_slots) == 2 and not engine.running
+        return s, got
+
+    _, outs = run([], threaded=False)
+    text = "".join(o.text for o in outs)
+    stop = text[len(text) // 3 : len(text) // 3 + 2]
+    assert len(stop) == 2
+    ref, ref_outs = run([stop], threaded=False)
+    n = len(ref.output)
+    assert n < max_tokens - 4
+    hold = {
+        "none": None,
+        # the engine is 3 tokens past the stop and still running the sequence
+        "while_running": lambda e: e.step_count >= n + 3,
+        # the engine has reached max_tokens and freed the slot
+        "after_the_engine_ended_it": lambda e: not e.running,
+    }[lag]
+    seq, seq_outs = run([stop], threaded=True, hold=hold)
+    assert ref.finish_reason == seq.finish_reason == "stop"
+    assert "".join(o.text for o in seq_outs) == "".join(o.text for o in ref_outs) == text[: text.find(stop)]
+    assert seq.output == ref.output and seq.steps == list(range(1, n + 1))
+    assert seq_outs[-1].completion_tokens == ref_outs[-1].completion_tokens == n
+    assert [o.token for o in seq_outs] == [o.token for o in ref_outs]
+    assert [o.finish_reason for o in seq_outs].count("stop") == 1 and seq_outs[-1].finish_reason == "stop"
