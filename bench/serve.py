@@ -135,36 +135,6 @@ class Bare:
                 os.sched_setaffinity(0, before)
         return self._measure(batch, steps)
 
-    def measure_staggered(self, batch: int, span: int, calls: int = 12) -> tuple[float, float]:
-        """(median step seconds, tokens/s) of a decode step whose rows are spread evenly over `span` positions past
-        their prompts: row i has generated i*span/batch tokens. That is the batch continuous batching runs at
-        concurrency `batch` in steady state (requests start and end at different steps), where `measure`'s rows
-        move in lockstep. The served graph attends every row over the longest row's past, so this batch costs
-        what a lockstep batch at its longest row costs. Each call decodes the same positions again (a step's
-        cost depends on its positions only); the first 2 calls are warm-up."""
-        if self.cpus:
-            before = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, self.cpus)
-        try:
-            r = self.runner
-            offsets = [i * span // batch for i in range(batch)]
-            rows = [
-                (p := self.prompts[i % len(self.prompts)]) + [p[-1]] * off for i, off in enumerate(offsets)
-            ]
-            for slot in range(batch):
-                r.release(slot)
-            tokens = np.asarray(r.prefill(rows, list(range(batch)), [0] * batch)).argmax(-1)
-            pos, slots, times = np.array([len(x) for x in rows]), np.arange(batch), []
-            for _ in range(calls + 2):
-                t0 = time.perf_counter()
-                r.decode(tokens, slots, pos)
-                times.append(time.perf_counter() - t0)
-            step = statistics.median(times[2:])
-            return step, batch / step
-        finally:
-            if self.cpus:
-                os.sched_setaffinity(0, before)
-
     def _measure(self, batch: int, steps: int) -> tuple[float, float]:
         r = self.runner
         rows = [self.prompts[i % len(self.prompts)] for i in range(batch)]
@@ -578,15 +548,8 @@ def main() -> int:
         os.sched_setaffinity(0, plan[1])
     per_c: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     prof_c: dict[int, dict] = {c: {} for c in args.concurrency}
-    ratios: dict[str, list[float]] = {
-        "itl": [],
-        "tpot": [],
-        "tps16": [],
-        "tps16_staggered": [],
-        "vs_llama_server": [],
-    }
+    ratios: dict[str, list[float]] = {"itl": [], "tpot": [], "tps16": [], "vs_llama_server": []}
     bare_seen: dict[int, list[tuple[float, float]]] = {1: [], 16: []}
-    staggered_seen: list[tuple[float, float]] = []
     try:
         # Warm-up, one unmeasured round at each level: sessions, allocator, the
         # batch shapes and the slots' cache pages are first touched here, not in the first measured sweep.
@@ -599,12 +562,10 @@ def main() -> int:
                 n = args.requests_per_level or max(8, 8 * c)
                 b = 1 if c == 1 else 16 if c == 16 else None
                 pre = bare.measure(b, args.max_tokens - 1) if b else None
-                pre_s = bare.measure_staggered(16, args.max_tokens) if b == 16 else None
                 before = scrape_profile(url)
                 results, wall = asyncio.run(load(url, c, n, args.max_tokens, not args.no_keep_alive))
                 after = scrape_profile(url)
                 post = bare.measure(b, args.max_tokens - 1) if b else None
-                post_s = bare.measure_staggered(16, args.max_tokens) if b == 16 else None
                 for k in after:
                     prof_c[c][k] = prof_c[c].get(k, 0) + after.get(k, 0) - before.get(k, 0)
                 st = summarize(results, wall)
@@ -618,9 +579,6 @@ def main() -> int:
                         ratios["tpot"].append(st["tpot_p50_ms"] / (step * 1000))
                     else:
                         ratios["tps16"].append(st["out_tok_s"] / rate)
-                        staggered = ((pre_s[0] + post_s[0]) / 2, (pre_s[1] + post_s[1]) / 2)
-                        staggered_seen.append(staggered)
-                        ratios["tps16_staggered"].append(st["out_tok_s"] / staggered[1])
                 print(
                     f"rep {rep} c={c:<3} ttft p50 {st['ttft_p50_ms']:.1f} ms  itl p50 {st['itl_p50_ms']:.2f} ms  "
                     f"tpot p50 {st['tpot_p50_ms']:.2f} ms  {st['out_tok_s']:.0f} tok/s"
@@ -652,11 +610,6 @@ def main() -> int:
         for b, v in bare_seen.items()
         if v
     }
-    if staggered_seen:
-        bare_med["16 staggered"] = (
-            statistics.median(x[0] for x in staggered_seen),
-            statistics.median(x[1] for x in staggered_seen),
-        )
 
     lls_med = (
         {k: statistics.median(x[k] for x in lls_runs) for k in lls_runs[0]} | {"ready_s": lls[2]}
@@ -729,12 +682,6 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s, 
             f"{bare[1][0] * 1000:.2f} ms ({bare[1][1]:.0f} tok/s), batch 16 {bare[16][0] * 1000:.2f} ms "
             f"({bare[16][1]:.0f} tok/s)"
         )
-    if "16 staggered" in bare:
-        step, rate = bare["16 staggered"]
-        lines.append(
-            f"- bare ONNX runner, batch 16 with its rows spread over the {args.max_tokens} answer positions (the "
-            f"steady state of continuous batching; `Bare.measure_staggered`): {step * 1000:.2f} ms ({rate:.0f} tok/s)"
-        )
     lines.append(f"- transformers `generate` (torch eager, batch 1): {hf_tok_s:.0f} tok/s")
     if isinstance(llama, dict):
         lines.append(
@@ -765,11 +712,6 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s, 
     lines.append(
         f"- served output tok/s at concurrency 16 / bare batch-16 rate: {rng(ratios['tps16'])} (required >= 0.8)"
     )
-    if ratios["tps16_staggered"]:
-        lines.append(
-            "- the same against the bare runner on the staggered batch (the batch shapes the server runs, HTTP, SSE "
-            f"and prefill left as the difference): {rng(ratios['tps16_staggered'])}"
-        )
     if 1 in by_c and hf_tok_s:
         lines.append(
             f"- served single stream / transformers generate: {1000 / by_c[1]['tpot_p50_ms'] / hf_tok_s:.1f}x"
