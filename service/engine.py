@@ -571,6 +571,7 @@ class Engine:
         s.released = True
         if s.stop_hit:  # ended by a stop string: drop the tokens sampled after it
             _trim(s)
+            s.finish_reason = "stop"  # not the length or stop token the engine saw after it
 
     def _finish(self, s: Sequence, reason: str, outputs: _Job, now: float) -> None:
         """End a sequence the engine stops itself (abort, timeout, error): free it and queue its last output."""
