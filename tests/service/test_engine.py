@@ -178,11 +178,12 @@ def test_a_slow_consumer_does_not_hold_up_the_next_forward(tiny_bundle, tiny_tok
     engine = make_engine(tiny_bundle, tiny_tokenizer, "onnx", slots=2)
     engine.start()
     try:
-        release, got, threads = threading.Event(), [], set()
+        release, got, threads, first = threading.Event(), [], set(), []
 
         def deliver(outs):
             threads.add(threading.current_thread().name)
-            if not got:
+            if not first:
+                first.append(outs[0].step)
                 release.wait(30)
             got.extend(outs)
 
@@ -190,9 +191,10 @@ def test_a_slow_consumer_does_not_hold_up_the_next_forward(tiny_bundle, tiny_tok
             chat_ids(tiny_tokenizer, PROMPTS[0]), GREEDY, max_tokens=40, ignore_eos=True, deliver=deliver
         )
         engine.submit([s])
-        _wait(lambda: threads)  # the first delivery has begun and is blocked
-        at = engine.step_count
-        _wait(lambda: engine.step_count >= at + 5)
+        _wait(lambda: first)  # the first delivery has begun and is blocked
+        # Five steps past the blocked one (the sequence needs 39 more): with delivery on the engine thread the
+        # engine would still be inside that first step.
+        _wait(lambda: engine.step_count >= first[0] + 5)
         assert not got
         release.set()
         _wait(lambda: got and got[-1].finish_reason is not None)
@@ -215,7 +217,8 @@ def test_a_stop_string_found_by_the_output_stage_ends_the_run_as_stepped_by_hand
     engine sampled past the stop is dropped, so text, tokens, usage and the freed slot are the same as when
     stepped by hand, whether the engine was still running the sequence or had already ended it by length."""
     prompt = chat_ids(tiny_tokenizer, PROMPTS[4])
-    max_tokens = 48
+    # Far past the stop, so "while_running" releases the stage while the engine still runs the sequence.
+    max_tokens = 200
 
     def run(stop, threaded, hold=None):
         engine = make_engine(tiny_bundle, tiny_tokenizer, "onnx", slots=2)
