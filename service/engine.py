@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -150,8 +151,9 @@ class _OutputStage:
     overlap scheduler and vLLM's async scheduling hide CPU-side work behind the forward the same way. A stop
     string is therefore seen one step late: the sequence runs one more row, and that token is dropped."""
 
-    def __init__(self, emit: Callable[[_Job], None]) -> None:
+    def __init__(self, emit: Callable[[_Job], None], cpus: set[int] | None = None) -> None:
         self._emit = emit
+        self._cpus = cpus
         self._jobs: deque[_Job | None] = deque()
         self._ready = threading.Semaphore(0)
         self._thread = threading.Thread(target=self._run, name="instructlm-output", daemon=True)
@@ -167,6 +169,10 @@ class _OutputStage:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        if self._cpus:
+            # Off the engine's CPUs (with engine_cpus the thread starting it is pinned there): this stage runs
+            # beside the forward, so on the engine's core it would take turns with it.
+            os.sched_setaffinity(0, self._cpus)
         while True:
             self._ready.acquire()
             job = self._jobs.popleft()
@@ -258,9 +264,11 @@ class Engine:
         return bool(self._inbox or self.waiting or self.running)
 
     # --- thread ---------------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, output_cpus: set[int] | None = None) -> None:
+        """Run the engine on a new thread (it inherits the caller's CPU mask) and the output stage on another,
+        restricted to `output_cpus` when given (the HTTP side's CPUs under engine_cpus)."""
         self._stop = False
-        self._stage = _OutputStage(self._emit)
+        self._stage = _OutputStage(self._emit, output_cpus)
         self._thread = threading.Thread(target=self._loop, name="instructlm-engine", daemon=True)
         self._thread.start()
 
