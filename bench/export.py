@@ -163,7 +163,8 @@ class _GQAOp:
 class GQAPrototype:
     """Design A of issue 7 as a whole decoder, for measurement only: every layer's attention is onnxruntime's
     GroupQueryAttention reading and writing a [rows, KV, max_len, D] buffer in place (present bound to past).
-    Batch row b is buffer row b, every row has the same length: the restrictions the served graph avoids."""
+    Batch row b is buffer row b, every row has the same length: the restrictions the served graph avoids. The
+    rest is the served graph's: fused q/k/v and gate/up MatMuls, rotate_half as one MatMul."""
 
     name = "GQA graph (prototype)"
 
@@ -172,40 +173,45 @@ class GQAPrototype:
 
         import onnxruntime as ort
         import torch
+        import torch.nn.functional as F
 
-        from export.graphs import _project_qkv
+        from export.graphs import rotate_half_matrix
 
         op = _GQAOp.make()
         cfg = model.config
         n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        h, inter = cfg.num_attention_heads, cfg.intermediate_size
 
         class Graph(torch.nn.Module):
             def __init__(self, m):
                 super().__init__()
                 self.m = m  # a submodule, so its weights export as initializers
+                self.register_buffer("rot", rotate_half_matrix(d), persistent=False)
+                with torch.no_grad():
+                    for i, layer in enumerate(m.layers):
+                        a, mlp = layer.self_attn, layer.mlp
+                        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T.contiguous()
+                        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).T.contiguous()
+                        self.register_buffer(f"qkv_{i}", qkv)
+                        self.register_buffer(f"gate_up_{i}", gate_up)
 
             def forward(self, input_ids, position_ids, seqlens_k, total_len, *past):
                 model = self.m
                 b, s = input_ids.shape
-                cos, sin = model.rope_cos[position_ids], model.rope_sin[position_ids]
+                # [B, S, 1, D]: GQA takes [B, S, heads*D], so the rotation happens in that layout
+                cos, sin = model.rope_cos[position_ids][:, :, None], model.rope_sin[position_ids][:, :, None]
                 x, presents = model.embed_tokens(input_ids), []
                 for i, layer in enumerate(model.layers):
-                    q, k, v = _project_qkv(layer, layer.input_layernorm(x), cos, sin)
-                    # [B, heads, S, D] -> [B, S, heads*D], GQA's layout
-                    q, k, v = (t.transpose(1, 2).reshape(b, s, -1) for t in (q, k, v))
-                    out, pk, pv = op.apply(
-                        q,
-                        k,
-                        v,
-                        past[2 * i],
-                        past[2 * i + 1],
-                        seqlens_k,
-                        total_len,
-                        cfg.num_attention_heads,
-                        kv,
-                    )
-                    h = x + layer.self_attn.o_proj(out)
-                    x = h + layer.mlp(layer.post_attention_layernorm(h))
+                    qkv = torch.matmul(layer.input_layernorm(x), getattr(self, f"qkv_{i}"))
+                    q = qkv[..., : h * d].view(b, s, h, d)
+                    k = qkv[..., h * d : (h + kv) * d].view(b, s, kv, d)
+                    v = qkv[..., (h + kv) * d :]
+                    q = (q * cos + torch.matmul(q, self.rot) * sin).reshape(b, s, h * d)
+                    k = (k * cos + torch.matmul(k, self.rot) * sin).reshape(b, s, kv * d)
+                    out, pk, pv = op.apply(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total_len, h, kv)
+                    hid = x + layer.self_attn.o_proj(out)
+                    gate_up = torch.matmul(layer.post_attention_layernorm(hid), getattr(self, f"gate_up_{i}"))
+                    x = hid + layer.mlp.down_proj(F.silu(gate_up[..., :inter]) * gate_up[..., inter:])
                     presents += [pk, pv]
                 return (model.lm_head(model.norm(x)[:, -1:]), *presents)
 
