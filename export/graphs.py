@@ -126,7 +126,8 @@ class ServedGraph(nn.Module):
     such op is a node per layer, and on this machine a node costs microseconds whatever its size.
 
     onnxruntime's GroupQueryAttention over a shared past/present buffer (the other design issue 7 names) reads
-    the cache in place and stays ~5-8% faster than this graph, but its batch rows must be the buffer's rows
+    the cache in place; with this graph's fusions it is 5% faster at batch 16 (4.02 vs 4.23 ms, the optimum loop
+    3.90) and 19% at batch 1 (0.87 vs 1.08; docs/BENCHMARKS.md), but its batch rows must be the buffer's rows
     (slots compacted by a cache copy when sequences end out of order, or idle slots carried as dummy rows), its
     CPU kernel takes one new-token count for all rows (a ragged chunk is padded, writing garbage past each
     row's end, which must stay below max_len), and it is a com.microsoft op that onnx.checker and other
