@@ -173,27 +173,20 @@ class GQAPrototype:
 
         import onnxruntime as ort
         import torch
-        import torch.nn.functional as F
 
-        from export.graphs import rotate_half_matrix
+        from export.graphs import fused_mlp, fused_qkv, register_fused_projections, rotate_half_matrix
 
         op = _GQAOp.make()
         cfg = model.config
         n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        h, inter = cfg.num_attention_heads, cfg.intermediate_size
+        h = cfg.num_attention_heads
 
         class Graph(torch.nn.Module):
             def __init__(self, m):
                 super().__init__()
                 self.m = m  # a submodule, so its weights export as initializers
                 self.register_buffer("rot", rotate_half_matrix(d), persistent=False)
-                with torch.no_grad():
-                    for i, layer in enumerate(m.layers):
-                        a, mlp = layer.self_attn, layer.mlp
-                        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T.contiguous()
-                        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).T.contiguous()
-                        self.register_buffer(f"qkv_{i}", qkv)
-                        self.register_buffer(f"gate_up_{i}", gate_up)
+                register_fused_projections(self, m)
 
             def forward(self, input_ids, position_ids, seqlens_k, total_len, *past):
                 model = self.m
@@ -202,16 +195,22 @@ class GQAPrototype:
                 cos, sin = model.rope_cos[position_ids][:, :, None], model.rope_sin[position_ids][:, :, None]
                 x, presents = model.embed_tokens(input_ids), []
                 for i, layer in enumerate(model.layers):
-                    qkv = torch.matmul(layer.input_layernorm(x), getattr(self, f"qkv_{i}"))
-                    q = qkv[..., : h * d].view(b, s, h, d)
-                    k = qkv[..., h * d : (h + kv) * d].view(b, s, kv, d)
-                    v = qkv[..., (h + kv) * d :]
+                    q, k, v = fused_qkv(self, i, layer.input_layernorm(x), (b, s, h, kv, d))
                     q = (q * cos + torch.matmul(q, self.rot) * sin).reshape(b, s, h * d)
                     k = (k * cos + torch.matmul(k, self.rot) * sin).reshape(b, s, kv * d)
-                    out, pk, pv = op.apply(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total_len, h, kv)
+                    out, pk, pv = op.apply(
+                        q,
+                        k,
+                        v.reshape(b, s, kv * d),
+                        past[2 * i],
+                        past[2 * i + 1],
+                        seqlens_k,
+                        total_len,
+                        h,
+                        kv,
+                    )
                     hid = x + layer.self_attn.o_proj(out)
-                    gate_up = torch.matmul(layer.post_attention_layernorm(hid), getattr(self, f"gate_up_{i}"))
-                    x = hid + layer.mlp.down_proj(F.silu(gate_up[..., :inter]) * gate_up[..., inter:])
+                    x = hid + fused_mlp(self, i, layer, layer.post_attention_layernorm(hid))
                     presents += [pk, pv]
                 return (model.lm_head(model.norm(x)[:, -1:]), *presents)
 

@@ -77,6 +77,39 @@ def cached_attention(q, past_k, past_v, k, v, bias, sizes):
     return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
+def register_fused_projections(module: nn.Module, model: Transformer) -> None:
+    """Buffers `qkv_proj_{i}` [H, (heads+2*KV)*D] and `gate_up_proj_{i}` [H, 2*I] on `module`: each layer's
+    q/k/v projections as one MatMul and gate/up as one, as vLLM's QKVParallelLinear and
+    MergedColumnParallelLinear do (two weight MatMuls a layer instead of five). Every output column is the same
+    dot product as before, so the results are bitwise equal. Persistent, so they trace as initializers that
+    int8 quantization finds."""
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T.contiguous()
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).T.contiguous()
+            module.register_buffer(f"qkv_proj_{i}", qkv)
+            module.register_buffer(f"gate_up_proj_{i}", gate_up)
+
+
+def fused_qkv(module: nn.Module, i: int, xn, sizes: tuple):
+    """Normed input [B,S,H] -> q [B,S,heads,D], k and v [B,S,KV,D] (unrotated) through layer i's fused MatMul.
+    sizes = (B, S, heads, KV, D) from the caller: B and S traced once per graph, not per layer."""
+    b, s, h, kv, d = sizes
+    qkv = torch.matmul(xn, getattr(module, f"qkv_proj_{i}"))
+    q = qkv[..., : h * d].view(b, s, h, d)
+    k = qkv[..., h * d : (h + kv) * d].view(b, s, kv, d)
+    v = qkv[..., (h + kv) * d :].view(b, s, kv, d)
+    return q, k, v
+
+
+def fused_mlp(module: nn.Module, i: int, layer, xn):
+    """SwiGLU of layer i through its fused gate/up MatMul: down(silu(gate) * up)."""
+    gate_up = torch.matmul(xn, getattr(module, f"gate_up_proj_{i}"))
+    inter = layer.mlp.gate_proj.out_features  # a plain int: a shape read here would trace into Shape ops
+    return layer.mlp.down_proj(F.silu(gate_up[..., :inter]) * gate_up[..., inter:])
+
+
 class ServedGraph(nn.Module):
     """One forward over the engine's slot cache, for any mix of prefill chunks and decode rows.
 
@@ -143,16 +176,7 @@ class ServedGraph(nn.Module):
         self.model = model
         # Traced as a Constant node; int8 quantization finds its MatMuls by value and leaves them in fp32.
         self.register_buffer("rotate_half", rotate_half_matrix(model.config.head_dim), persistent=False)
-        # Each layer's q/k/v projections as one [H, (heads+2*KV)*D] MatMul and gate/up as one [H, 2*I] MatMul,
-        # as vLLM's QKVParallelLinear and MergedColumnParallelLinear do: two weight MatMuls per layer instead
-        # of five. Each output column is the same dot product as before, so the results are bitwise equal.
-        with torch.no_grad():
-            for i, layer in enumerate(model.layers):
-                a, mlp = layer.self_attn, layer.mlp
-                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T.contiguous()
-                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).T.contiguous()
-                self.register_buffer(f"qkv_proj_{i}", qkv)
-                self.register_buffer(f"gate_up_proj_{i}", gate_up)
+        register_fused_projections(self, model)
 
     def forward(self, input_ids, position_ids, logits_index, kv_index, *past):
         m = self.model
@@ -173,24 +197,21 @@ class ServedGraph(nn.Module):
         bias = torch.zeros(allowed.shape, device=input_ids.device).masked_fill(~allowed, float("-inf"))
         bias = bias[:, None, None]
         sizes = (b, s, length, h, kv, d)
-        inter = cfg.intermediate_size
         x = m.embed_tokens(input_ids)
         new_kv = []
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
-            qkv = torch.matmul(layer.input_layernorm(x), getattr(self, f"qkv_proj_{i}"))
-            # [B, S, heads*D] -> [B, S, heads, D] -> [B, heads, S, D]
-            q = qkv[..., : h * d].view(b, s, h, d).transpose(1, 2)
-            k = qkv[..., h * d : (h + kv) * d].view(b, s, kv, d).transpose(1, 2)
-            v = qkv[..., (h + kv) * d :].view(b, s, kv, d).transpose(1, 2)
+            # [B, S, heads, D] -> [B, heads, S, D]
+            q, k, v = (
+                t.transpose(1, 2) for t in fused_qkv(self, i, layer.input_layernorm(x), (b, s, h, kv, d))
+            )
             q = q * q_cos + torch.matmul(q, rot) * q_sin
             k = k * cos + torch.matmul(k, rot) * sin
             # Gather [R, chunk*D] at [B, KV, C] -> [B, KV, C, chunk*D] -> [B, KV, L, D]
             past_k = past[2 * i][kv_index].reshape(b, kv, length, d)
             past_v = past[2 * i + 1][kv_index].reshape(b, kv, length, d)
             hidden = x + attn.o_proj(cached_attention(q, past_k, past_v, k, v, bias, sizes))
-            gate_up = torch.matmul(layer.post_attention_layernorm(hidden), getattr(self, f"gate_up_proj_{i}"))
-            x = hidden + layer.mlp.down_proj(F.silu(gate_up[..., :inter]) * gate_up[..., inter:])
+            x = hidden + fused_mlp(self, i, layer, layer.post_attention_layernorm(hidden))
             new_kv += [k, v]
         hidden = m.norm(x)  # [B, S, H]
         picked = torch.gather(hidden, 1, logits_index[:, :, None].expand(-1, -1, hidden.shape[2]))  # [B,N,H]
