@@ -258,17 +258,23 @@ def free_port() -> int:
 
 
 def start_server(
-    bundle: Path, threads: int, max_seqs: int, engine_cpus: str | None = None
+    bundle: Path, threads: int, max_seqs: int, engine_cpus: str | None = None, root: Path = ROOT
 ) -> tuple[subprocess.Popen, str, float]:
+    """`instructlm serve` from the source tree `root` (another checkout: bench/serve_ab.py)."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "INSTRUCTLM_LOG_LEVEL": "warning"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "INSTRUCTLM_LOG_LEVEL": "warning",
+        "PYTHONPATH": str(root),
+    }
     cmd = [
         sys.executable, "-m", "instructlm", "serve", "--model", str(bundle), "--port", str(port),
         "--threads", str(threads), "--max-num-seqs", str(max_seqs), "--served-model-name", "bench",
     ] + (["--engine-cpus", engine_cpus] if engine_cpus else [])  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     return wait_healthy(proc, f"http://127.0.0.1:{port}", t0, "server", lambda: proc.stderr.read()[-2000:])
 
@@ -733,21 +739,17 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s, 
         )
     lines += [
         "",
-        "Per-step profile from `/metrics` (`instructlm_engine_step_seconds_total{phase}`), ms per step, all sweeps "
-        "(schedule to update run one after another on the engine thread; output runs on the output-stage thread "
-        "beside the next forward):",
+        "Per-step profile from `/metrics` (`instructlm_engine_step_seconds_total{phase}`), ms per step, all sweeps:",
         "",
-        "| concurrency | steps | tokens/step | schedule | prefill | decode | update (sample, stop tokens) | "
-        "output (detok, stop strings, emit) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | steps | tokens/step | schedule | prefill | decode | update (sample, detok, emit) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, _, p in rows:
         steps = max(p.get("steps", 0), 1)
         lines.append(
             f"| {c} | {steps:.0f} | {p.get('tokens', 0) / steps:.1f} | "
             + " | ".join(
-                f"{p.get(ph, 0) / steps * 1000:.3f}"
-                for ph in ("schedule", "prefill", "decode", "update", "output")
+                f"{p.get(ph, 0) / steps * 1000:.3f}" for ph in ("schedule", "prefill", "decode", "update")
             )
             + " |"
         )

@@ -97,7 +97,7 @@ def _load(srv: ServerState) -> None:
             metrics=srv.metrics,
         )
         engine.warmup()
-        engine.start(output_cpus=srv.cpu_plan[1] if srv.cpu_plan is not None else None)
+        engine.start()
     except Exception as exc:
         srv.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model load failed")

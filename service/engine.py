@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -88,11 +87,6 @@ class Sequence:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     steps: list[int] = field(default_factory=list)  # the step of each emitted token (tests read it)
-    # Set by the output stage when a stop string matched (the engine only sees token ids): the first stop_len
-    # tokens are the answer; the engine frees the slot at its next schedule and drops any later token.
-    stop_len: int = 0
-    stop_hit: bool = False
-    released: bool = False  # the engine has freed its slot and no longer touches it
 
     def cancel(self, reason: str = "client_disconnect") -> None:
         self.cancel_reason = reason
@@ -112,76 +106,6 @@ class _SeqState:
         self.detok = IncrementalDetokenizer(tokenizer, skip_ids=stop_ids)
         self.stopper = StopMatcher(seq.stop)
         self.rng = make_rng(seq.params.seed)
-
-
-@dataclass(slots=True, eq=False)
-class _Sampled:
-    """One sampled token on its way from the engine thread to the output stage."""
-
-    seq: Sequence
-    state: _SeqState
-    token: int
-    n_out: int  # len(seq.output) with this token
-    reason: str | None  # decided by the engine: "stop" (a stop token) or "length"; None: still running
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-
-
-class _Job:
-    """A step's work for the output stage, in order: sampled tokens and the outputs the engine built itself
-    (abort, timeout, error); `now` is when the step sampled (the latency metrics' clock)."""
-
-    __slots__ = ("step", "now", "entries")
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.now = 0.0
-        self.entries: list[_Sampled | tuple[Sequence, Output]] = []
-
-    def append(self, entry: _Sampled | tuple[Sequence, Output]) -> None:
-        self.entries.append(entry)
-
-
-class _OutputStage:
-    """A thread that turns each step's sampled tokens into outputs (detokenize, stop strings, latency metrics)
-    and hands them to the event loops, while the engine thread is already running the next forward.
-
-    The engine thread releases the GIL inside onnxruntime's (or torch's) forward; this thread does its ~0.1-0.2
-    ms of Python per step in that window, on the other core, instead of between two forwards. SGLang's
-    overlap scheduler and vLLM's async scheduling hide CPU-side work behind the forward the same way. A stop
-    string is therefore seen one step late: the sequence runs one more row, and that token is dropped."""
-
-    def __init__(self, emit: Callable[[_Job], None], cpus: set[int] | None = None) -> None:
-        self._emit = emit
-        self._cpus = cpus
-        self._jobs: deque[_Job | None] = deque()
-        self._ready = threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._run, name="instructlm-output", daemon=True)
-        self._thread.start()
-
-    def put(self, job: _Job | None) -> None:
-        self._jobs.append(job)
-        self._ready.release()
-
-    def close(self, timeout: float) -> None:
-        """Emit what is queued, then end the thread."""
-        self.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        if self._cpus:
-            # Off the engine's CPUs (with engine_cpus the thread starting it is pinned there): this stage runs
-            # beside the forward, so on the engine's core it would take turns with it.
-            os.sched_setaffinity(0, self._cpus)
-        while True:
-            self._ready.acquire()
-            job = self._jobs.popleft()
-            if job is None:
-                return
-            try:
-                self._emit(job)
-            except Exception:  # a bug here must not silence every later step's outputs
-                log.exception("output stage failed on step %d (%d entries)", job.step, len(job.entries))
 
 
 class Engine:
@@ -232,9 +156,7 @@ class Engine:
         self.step_count = 0
         self.prefill_tokens = 0  # prompt tokens run through the model (prefix-cache hits excluded)
         self.decode_rows = 0
-        self.timings = {"schedule": 0.0, "prefill": 0.0, "decode": 0.0, "update": 0.0, "output": 0.0}
-        # None while stepped by hand (tests, `step()`): each step's outputs are emitted before it returns.
-        self._stage: _OutputStage | None = None
+        self.timings = {"schedule": 0.0, "prefill": 0.0, "decode": 0.0, "update": 0.0}
 
     # --- the API side (any thread) --------------------------------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
@@ -264,11 +186,8 @@ class Engine:
         return bool(self._inbox or self.waiting or self.running)
 
     # --- thread ---------------------------------------------------------------------------------------------
-    def start(self, output_cpus: set[int] | None = None) -> None:
-        """Run the engine on a new thread (it inherits the caller's CPU mask) and the output stage on another,
-        restricted to `output_cpus` when given (the HTTP side's CPUs under engine_cpus)."""
+    def start(self) -> None:
         self._stop = False
-        self._stage = _OutputStage(self._emit, output_cpus)
         self._thread = threading.Thread(target=self._loop, name="instructlm-engine", daemon=True)
         self._thread.start()
 
@@ -278,9 +197,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        if self._stage is not None:
-            self._stage.close(timeout)
-            self._stage = None
 
     def _loop(self) -> None:
         while not self._stop:
@@ -311,9 +227,9 @@ class Engine:
         t0 = time.perf_counter()
         self.step_count += 1
         self.metrics.steps.inc()
-        job = _Job(self.step_count)
+        outputs: list[tuple[Sequence, Output]] = []
         self._drain_inbox()
-        self._drop_cancelled(job, t0)
+        self._drop_cancelled(outputs, t0)
         self._admit(t0)
         decoding = [s for s in self.running if s.prefilled]
         budget = self.budget - len(decoding)
@@ -362,15 +278,15 @@ class Engine:
                 "engine step %d failed; failing its %d running sequences", self.step_count, len(self.running)
             )
             for s in list(self.running):
-                self._finish(s, "error", job, time.perf_counter())
-            self._hand_off(job)
+                self._finish(s, "error", outputs, time.perf_counter(), emit_token=None)
+            self._dispatch(outputs)
             return 0
 
         if sample_rows:
-            self._sample(sample_rows, np.concatenate(logits_parts, axis=0), job)
+            self._update(sample_rows, np.concatenate(logits_parts, axis=0), outputs)
+        self._dispatch(outputs)
         self._set_gauges()
-        t4 = time.perf_counter()  # update = sample + stop tokens and lengths + gauges (the rest: `_emit`)
-        self._hand_off(job)
+        t4 = time.perf_counter()  # update = sample + detokenize + stop checks + emit + gauges
         tm, ph = self.timings, self.metrics.phase
         for name, dt in (
             ("schedule", t1 - t0),
@@ -387,15 +303,13 @@ class Engine:
         while self._inbox:
             self.waiting.append(self._inbox.popleft())
 
-    def _drop_cancelled(self, outputs: _Job, now: float) -> None:
+    def _drop_cancelled(self, outputs: list[tuple[Sequence, Output]], now: float) -> None:
         for s in list(self.running):
-            if s.stop_hit:  # its stop string was found (and its last output sent) by the output stage
-                self._release(s)
-            elif s.cancelled:
-                self._finish(s, "abort", outputs, now)
+            if s.cancelled:
+                self._finish(s, "abort", outputs, now, emit_token=None)
             elif s.timeout_s and now - s.arrival > s.timeout_s:
                 self.metrics.failure.labels(reason="timeout").inc()
-                self._finish(s, "length", outputs, now)
+                self._finish(s, "length", outputs, now, emit_token=None)
         if any(s.cancelled or (s.timeout_s and now - s.arrival > s.timeout_s) for s in self.waiting):
             keep: deque[Sequence] = deque()
             for s in self.waiting:
@@ -454,10 +368,10 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(s.prompt))
             self.metrics.req_prompt_tokens.observe(len(s.prompt))
 
-    # --- update (engine thread) and emit (output stage) -------------------------------------------------------
-    def _sample(self, rows: list[Sequence], logits: np.ndarray, job: _Job) -> None:
-        """Sample every row, append the tokens, and end the sequences a stop token or a length ends (they leave
-        the next step's batch). Text, stop strings and outputs are the output stage's (`_emit`)."""
+    # --- update ---------------------------------------------------------------------------------------------
+    def _update(
+        self, rows: list[Sequence], logits: np.ndarray, outputs: list[tuple[Sequence, Output]]
+    ) -> None:
         params = [s.params for s in rows]
         rngs = [self._states[s.id].rng for s in rows]
         penalized = any(
@@ -476,122 +390,68 @@ class Engine:
             top_n = max(rows[i].logprobs or 0 for i in want_lp)
             lp_chosen, lp_ids, lp_vals = token_logprobs(logits[want_lp], tokens[want_lp], top_n)
         lp_row = {r: j for j, r in enumerate(want_lp)}
-        job.now = time.perf_counter()
-        step = self.step_count
+        now = time.perf_counter()
+        m = self.metrics
+        m.generation_tokens.inc(len(rows))
         for i, s in enumerate(rows):
-            if s.stop_hit:
-                continue  # a stop string ended it after this step was scheduled: its token is dropped
             tok = int(tokens[i])
             s.output.append(tok)
-            s.steps.append(step)
-            n_out = len(s.output)
-            reason = None
-            if tok in self.stop_ids and not s.ignore_eos:
-                reason = "stop"
-            elif n_out >= s.max_tokens or len(s.prompt) + n_out >= self.max_len:
-                reason = "length"
-            item = _Sampled(s, self._states[s.id], tok, n_out, reason)
-            if i in lp_row:
-                j = lp_row[i]
-                item.logprob = float(lp_chosen[j])
-                k = s.logprobs or 0
-                item.top = [(int(a), float(b)) for a, b in zip(lp_ids[j, :k], lp_vals[j, :k], strict=True)]
-            job.append(item)
-            if reason is not None:
-                s.finish_reason = reason
-                self._release(s)
-
-    def _hand_off(self, job: _Job) -> None:
-        """To the output stage when the engine runs its own thread; stepped by hand, emitted before returning."""
-        if self._stage is not None:
-            if job.entries:
-                self._stage.put(job)
-            return
-        if job.entries:
-            self._emit(job)
-        for s in [s for s in self.running if s.stop_hit]:
-            self._release(s)
-
-    def _emit(self, job: _Job) -> None:
-        """Output stage: detokenize, match stop strings, observe latencies, build and deliver the outputs."""
-        t0 = time.perf_counter()
-        m = self.metrics
-        now, step = job.now, job.step
-        outputs: list[tuple[Sequence, Output]] = []
-        tokens = 0
-        for e in job.entries:
-            if type(e) is tuple:
-                if not e[0].stop_hit:  # an abort or timeout racing a stop string it had already met
-                    outputs.append(e)
-                continue
-            s, st = e.seq, e.state
-            if s.stop_hit:
-                continue
-            tokens += 1
+            s.steps.append(self.step_count)
             if s.first_token_at == 0.0:
                 s.first_token_at = now
                 m.ttft.observe(now - s.arrival)
             else:
                 m.itl.observe(now - s.last_token_at)
             s.last_token_at = now
-            out = Output(s.index, "", e.token, e.logprob, e.top, step=step)
-            reason = e.reason
-            if reason == "stop":  # a stop token is not text: flush what the detokenizer holds back
-                out.text = st.stopper.push(st.detok.flush())[0] + st.stopper.flush()
+            st = self._states[s.id]
+            out = Output(s.index, "", tok, step=self.step_count)
+            if i in lp_row:
+                j = lp_row[i]
+                out.logprob = float(lp_chosen[j])
+                k = s.logprobs or 0
+                out.top = [(int(a), float(b)) for a, b in zip(lp_ids[j, :k], lp_vals[j, :k], strict=True)]
+            reason = None
+            if tok in self.stop_ids and not s.ignore_eos:
+                reason = "stop"
             else:
-                text, hit = st.stopper.push(st.detok.push(e.token))
+                text, hit = st.stopper.push(st.detok.push(tok))
                 out.text = text
                 if hit:
                     reason = "stop"
-                elif reason == "length":
-                    out.text += st.stopper.push(st.detok.flush())[0] + st.stopper.flush()
+            if reason is None and (
+                len(s.output) >= s.max_tokens or len(s.prompt) + len(s.output) >= self.max_len
+            ):
+                reason = "length"
             if reason is not None:
-                out.finish_reason = reason
-                out.prompt_tokens = len(s.prompt)
-                out.completion_tokens = e.n_out
-                out.cached_tokens = s.cached_tokens
-                m.success.labels(finished_reason=reason).inc()
-                m.e2e.observe(now - s.arrival)
-                m.req_generation_tokens.observe(e.n_out)
-                s.finish_reason = reason
-                if e.reason is None:  # a stop string: the engine frees the slot when it sees stop_hit
-                    s.stop_len = e.n_out
-                    s.stop_hit = True
-                    # The engine may have ended it already (a length it reached while this stage lagged):
-                    # then nobody else trims what it sampled past the stop. Flag first, check second, and
-                    # `_release` the other way round, so one of the two always trims.
-                    if s.released:
-                        _trim(s)
-            outputs.append((s, out))
-        m.generation_tokens.inc(tokens)
-        self._dispatch(outputs)
-        dt = time.perf_counter() - t0
-        self.timings["output"] += dt
-        m.phase["output"].inc(dt)
+                if reason == "length" or (tok in self.stop_ids and not s.ignore_eos):
+                    out.text += st.stopper.push(st.detok.flush())[0] + st.stopper.flush()
+                self._finish(s, reason, outputs, now, emit_token=out)
+            else:
+                outputs.append((s, out))
 
-    def _release(self, s: Sequence) -> None:
+    def _finish(
+        self,
+        s: Sequence,
+        reason: str,
+        outputs: list[tuple[Sequence, Output]],
+        now: float,
+        emit_token: Output | None,
+    ) -> None:
+        s.finish_reason = reason
+        out = emit_token or Output(s.index, "", None, step=self.step_count)
+        out.finish_reason = reason
+        out.prompt_tokens = len(s.prompt)
+        out.completion_tokens = len(s.output)
+        out.cached_tokens = s.cached_tokens
+        outputs.append((s, out))
         self.running.remove(s)
         self._states.pop(s.id, None)
         self.runner.release(s.slot)
         # Most recently freed first: its cache rows are still in the CPU caches, and under light load a few
         # slots serve every request instead of all of them taking turns.
         self.free_slots.appendleft(s.slot)
-        s.released = True
-        if s.stop_hit:  # ended by a stop string: drop the tokens sampled after it
-            _trim(s)
-            s.finish_reason = "stop"  # not the length or stop token the engine saw after it
-
-    def _finish(self, s: Sequence, reason: str, outputs: _Job, now: float) -> None:
-        """End a sequence the engine stops itself (abort, timeout, error): free it and queue its last output."""
-        s.finish_reason = reason
-        out = Output(s.index, "", None, step=self.step_count, finish_reason=reason)
-        out.prompt_tokens = len(s.prompt)
-        out.completion_tokens = len(s.output)
-        out.cached_tokens = s.cached_tokens
-        outputs.append((s, out))
-        self._release(s)
         m = self.metrics
-        if reason == "length":  # a timeout
+        if reason in ("stop", "length"):
             m.success.labels(finished_reason=reason).inc()
             m.e2e.observe(now - s.arrival)
             m.req_generation_tokens.observe(len(s.output))
@@ -625,11 +485,6 @@ class Engine:
         m.waiting.set(self._num_queued)
         m.kv_cache_usage = len(self.running) / self.max_num_seqs
         m.kv_usage.set(m.kv_cache_usage)
-
-
-def _trim(s: Sequence) -> None:
-    del s.output[s.stop_len :]
-    del s.steps[s.stop_len :]
 
 
 def _deliver_all(calls: list[tuple[Callable, list[Output]]]) -> None:

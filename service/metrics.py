@@ -76,15 +76,12 @@ class Metrics:
             f"{p}request_generation_tokens", "Generated length per sequence.", buckets=_TOKENS, registry=r
         )
         self.steps = Counter(f"{p}engine_steps", "Engine steps run.", registry=r)
-        # Where a step's time goes (bench/serve.py prints the per-step profile from these). schedule, prefill,
-        # decode and update run on the engine thread one after another; output (detokenize, stop strings,
-        # delivery) on the output-stage thread, beside the next step's forward.
+        # Where a step's time goes (bench/serve.py prints the per-step profile from these).
         self.step_seconds = Counter(
             f"{p}engine_step_seconds", "Engine step time by phase.", ["phase"], registry=r
         )
         self.phase = {
-            ph: self.step_seconds.labels(phase=ph)
-            for ph in ("schedule", "prefill", "decode", "update", "output")
+            ph: self.step_seconds.labels(phase=ph) for ph in ("schedule", "prefill", "decode", "update")
         }
         for reason in ("stop", "length"):
             self.success.labels(finished_reason=reason)

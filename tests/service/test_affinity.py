@@ -51,8 +51,8 @@ def _allowed(tid: int) -> set[int]:
 
 
 def test_live_server_runs_the_engine_on_its_own_cpu(tiny_bundle):
-    """engine_cpus=auto on this machine: the engine thread on the last CPU, the event loop and the output stage
-    on the others, and requests still served. With a single CPU there is nothing to set aside, and nothing is pinned."""
+    """engine_cpus=auto on this machine: the engine thread on the last CPU, the event loop on the others, and
+    requests still served. With a single CPU there is nothing to set aside, and nothing is pinned."""
     available = set(os.sched_getaffinity(0))
     settings = Settings(
         model=str(tiny_bundle),
@@ -66,17 +66,15 @@ def test_live_server_runs_the_engine_on_its_own_cpu(tiny_bundle):
         r = httpx.post(f"{srv.url}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 3})
         assert r.status_code == 200, r.text
         engine_tid, loop_tid = srv.engine._thread.native_id, srv.thread.native_id
-        output_tid = srv.engine._stage._thread.native_id
-        engine_cpus, loop_cpus, output_cpus = _allowed(engine_tid), _allowed(loop_tid), _allowed(output_tid)
+        engine_cpus, loop_cpus = _allowed(engine_tid), _allowed(loop_tid)
         plan = srv.state.cpu_plan
     if len(available) >= 2:
         last = max(available)
         assert plan == ({last}, available - {last})
         assert engine_cpus == {last}
-        # the output stage runs beside the forward: with the HTTP side, never on the engine's CPU
-        assert loop_cpus == output_cpus == available - {last}
+        assert loop_cpus == available - {last}
     else:
-        assert plan is None and engine_cpus == loop_cpus == output_cpus == available
+        assert plan is None and engine_cpus == loop_cpus == available
     assert set(os.sched_getaffinity(0)) == available  # the test's own thread was left alone
 
 
