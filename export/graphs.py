@@ -138,10 +138,8 @@ class ServedGraph(nn.Module):
     (1377 -> 996 traced nodes, 649 -> 334 after onnxruntime's optimizations). The runner's own work per step
     was cut too (one write for all layers, vectorized checks, no logits copy). Each layer's q/k/v projections
     are one MatMul over concatenated weights and gate/up another (vLLM's QKVParallelLinear and
-    MergedColumnParallelLinear): 18 fewer weight MatMuls at 6 layers and bitwise-equal outputs; in one process
-    (4 interleaved runs of `bench/export.py`'s `decode_ms`, median CPU ms) 4.36 vs 4.45 at batch 16 and 1.08 vs
-    1.11 at batch 1. Rotating q, k and v as one [B, S, heads+2*KV, D] tensor (v with cos 1 and sin 0, one
-    rotation MatMul a layer instead of two) measured 3% slower at batch 16 in the same runs and is not used.
+    MergedColumnParallelLinear): 18 fewer weight MatMuls at 6 layers and bitwise-equal outputs
+    (`register_fused_projections`, shared with bench/export.py's GQA prototype).
 
     Median CPU time per decode step, demo model, one thread, context 128, `bench/export.py` (docs/BENCHMARKS.md):
 
@@ -167,8 +165,9 @@ class ServedGraph(nn.Module):
     runtimes do not know; it did not beat the optimum loop at batch 16 either. This graph keeps any slot in
     any row, any mix of chunk and past lengths in one call, standard ONNX ops only, and is traced from the
     model's own modules (parity about 1e-6). Its price under continuous batching: every row attends over the
-    longest row's past (masked), so 16 rows spread over positions 20-84 cost 3.22 ms, as all at 84 (3.27), not
-    as all at 52 (2.90); the GQA prototype follows each row's length (3.12; 3.03 at 52, 3.44 at 84).
+    longest row's past (masked), so 16 rows spread over positions 20-84 cost what all at 84 cost, not what all
+    at 52 cost, where the GQA prototype follows each row's length (`bench/decode_shapes.py`; numbers in
+    docs/BENCHMARKS.md).
     """
 
     def __init__(self, model: Transformer) -> None:

@@ -352,9 +352,8 @@ class OnnxRunner:
         """One token per row at `positions` of `slots` -> float32 logits [B, V].
 
         The engine calls this every step with mostly the same slots, so it costs as little Python as it can:
-        right after onnxruntime's run every numpy call here meets cold CPU caches (a 16-row step spent 0.16 ms
-        in this method around a 3.7 ms run, ~5x what the same calls take in a tight loop). One combined test
-        accepts a valid batch; the detailed checks run only to name what is wrong. The inputs stay bound
+        right after onnxruntime's run every numpy call here meets cold CPU caches, so each one costs several
+        times what it does in a tight loop. One combined test accepts a valid batch; the detailed checks run only to name what is wrong. The inputs stay bound
         while the batch's slots and chunk count stay the same (`_DecodeBinding`)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         slots_a = np.asarray(slots, dtype=np.int64).reshape(-1)
