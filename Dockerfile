@@ -23,6 +23,18 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
     && groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app
 
+# The served graph's SlotAttention op (export/csrc/slot_attention.cc), compiled here so the runtime stage gets
+# the library and no compiler. export/custom_ops.py is standard-library Python: it fetches onnxruntime's API
+# headers (Debian's libonnxruntime-dev, SHA-256 checked) and runs g++.
+FROM base AS ops
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+COPY export/custom_ops.py /src/export/custom_ops.py
+COPY export/csrc /src/export/csrc
+RUN python3 /src/export/custom_ops.py build --out /opt/instructlm/libinstructlm_ops.so
+
 # Dependencies and the package, into a venv that the runtime stage copies whole (no compilers, no pip cache).
 FROM base AS build-common
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_DEFAULT_TIMEOUT=120
@@ -76,6 +88,7 @@ LABEL org.opencontainers.image.title="instructlm" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.instructlm.target="${TARGET}"
 COPY --from=build /opt/venv /opt/venv
+COPY --from=ops /opt/instructlm/libinstructlm_ops.so /opt/instructlm/libinstructlm_ops.so
 # Training configs for the torchrun Job (relative paths resolve under /app; runs/ is a volume there), and the
 # customer-service endpoint's default knowledge base and intent labels (service/tasks/settings.py, relative to
 # /app); a deployment points `[tasks.customer_service]` at its own (the chart's server.settingsToml).
@@ -88,6 +101,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     INSTRUCTLM_MODEL=/models/bundle \
+    INSTRUCTLM_OPS_LIBRARY=/opt/instructlm/libinstructlm_ops.so \
     INSTRUCTLM_HOST=0.0.0.0 \
     INSTRUCTLM_PORT=8000
 WORKDIR /app

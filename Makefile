@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with torch 2.13.0 (CPU) and the dev extras
+# The served graph's SlotAttention op (export/csrc): onnxruntime's API headers come from Debian's
+# libonnxruntime-dev (downloaded once, SHA-256 checked) unless ORT_INCLUDE_DIR points at them; needs g++.
+OPS_LIB := export/_ops/libinstructlm_ops.so
+$(OPS_LIB): export/csrc/slot_attention.cc export/custom_ops.py | $(STAMP)
+	$(BIN)/python -m export.custom_ops build --force
+
+install: $(STAMP) $(OPS_LIB) ## create .venv with torch 2.13.0 (CPU) and the dev extras; build the ONNX custom op
 
 test: install deploy-tools ## run the test suite (not the slow matrices); installs the chart checkers too
 	$(BIN)/pytest -q

@@ -370,6 +370,31 @@ def _gqa_layer(h, kv, d, max_len) -> bytes:
     return helper.make_model(graph, opset_imports=ops).SerializeToString()
 
 
+def _slot_layer(h, kv, d) -> bytes:
+    """The served design: the SlotAttention op (export/csrc) reading the whole cache [slots, KV, max_len, D] in
+    place, rows picked by slot id; the runner writes the new k/v afterwards."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from export.custom_ops import DOMAIN
+
+    f = T.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("q", f, ["B", "S", h * d]),
+        helper.make_tensor_value_info("k", f, ["B", "S", kv, d]),
+        helper.make_tensor_value_info("v", f, ["B", "S", kv, d]),
+        helper.make_tensor_value_info("past_k", f, ["N", kv, "L", d]),
+        helper.make_tensor_value_info("past_v", f, ["N", kv, "L", d]),
+        helper.make_tensor_value_info("slot_ids", T.INT64, ["B"]),
+        helper.make_tensor_value_info("position_ids", T.INT64, ["B", "S"]),
+    ]
+    node = helper.make_node("SlotAttention", [i.name for i in inputs], ["out"], domain=DOMAIN)
+    out = [helper.make_tensor_value_info("out", f, ["B", "S", h * d])]
+    graph = helper.make_graph([node], "slot", inputs, out)
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=ops).SerializeToString()
+
+
 def _mask_layer(h, kv, d, chunk, path: Path) -> None:
     """Design B (chosen): the served graph's attention: gather this batch's used chunks of positions from the
     cache, append the new k/v, grouped attention under an additive length mask; the runner writes the new
@@ -426,9 +451,12 @@ def _mask_layer(h, kv, d, chunk, path: Path) -> None:
 
 def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
     """Microseconds per decode call of one attention layer at the demo shape (8 heads over 4 KV heads, head
-    dim 32, a 1024-position cache of 16 slots), both designs bound once through IO binding."""
+    dim 32, a 1024-position cache of 16 slots), every design bound once through IO binding. One layer called
+    over and over keeps its cache rows in the CPU caches, which a whole decoder step does not (its weights
+    evict them): these figures are compute, the decoder tables below include the memory traffic."""
     import onnxruntime as ort
 
+    from export.custom_ops import find_library
     from export.onnx_export import KV_CHUNK
 
     h, kv, d, slots, max_len, chunk = 8, 4, 32, 16, 1024, KV_CHUNK
@@ -437,11 +465,15 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
     gqa = ort.InferenceSession(_gqa_layer(h, kv, d, max_len), opts, providers=["CPUExecutionProvider"])
     _mask_layer(h, kv, d, chunk, tmp / "mask_layer.onnx")
     mask = ort.InferenceSession(str(tmp / "mask_layer.onnx"), opts, providers=["CPUExecutionProvider"])
+    sopts = ort.SessionOptions()
+    sopts.intra_op_num_threads = threads
+    sopts.register_custom_ops_library(str(find_library()))
+    slot = ort.InferenceSession(_slot_layer(h, kv, d), sopts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ck = rng.standard_normal((slots, kv, max_len, d), dtype=np.float32)
     cv = rng.standard_normal((slots, kv, max_len, d), dtype=np.float32)
     lines = [
-        "| batch | context | GQA shared buffer (us) | gather + length mask (us) | ratio |",
+        "| batch | context | slot op, served (us) | GQA shared buffer (us) | gather + length mask (us) |",
         "|---|---|---|---|---|",
     ]
     for b in (1, 16):
@@ -490,12 +522,34 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
                 ck[slot_ids, :, ctx] = kb[:, :, 0]
                 cv[slot_ids, :, ctx] = vb[:, :, 0]
 
-            ta, tb = [], []
-            for _ in range(repeat):  # interleaved, so load from other processes hits both alike
+            # Served: the whole cache bound as it is; the op reads each row's slot in place.
+            ios = slot.io_binding()
+            ios.bind_ortvalue_input("past_k", ort.OrtValue.ortvalue_from_numpy(ck))
+            ios.bind_ortvalue_input("past_v", ort.OrtValue.ortvalue_from_numpy(cv))
+            qs, ks, vs = q, k.reshape(b, 1, kv, d), v.reshape(b, 1, kv, d)
+
+            def run_s(ios=ios, b=b, ctx=ctx, slot_ids=slot_ids, qs=qs, ks=ks, vs=vs):
+                for name, arr in (
+                    ("q", qs),
+                    ("k", ks),
+                    ("v", vs),
+                    ("slot_ids", slot_ids),
+                    ("position_ids", np.full((b, 1), ctx)),
+                ):
+                    ios.bind_cpu_input(name, arr)
+                ios.clear_binding_outputs()
+                ios.bind_output("out")
+                slot.run_with_iobinding(ios)
+                ck[slot_ids, :, ctx] = ks[:, 0]
+                cv[slot_ids, :, ctx] = vs[:, 0]
+
+            ta, tb, ts = [], [], []
+            for _ in range(repeat):  # interleaved, so load from other processes hits all alike
                 ta.append(_time(run_a))
                 tb.append(_time(run_b))
-            a_us, b_us = np.min(ta) * 1e6, np.min(tb) * 1e6
-            lines.append(f"| {b} | {ctx} | {a_us:.0f} | {b_us:.0f} | {b_us / a_us:.2f} |")
+                ts.append(_time(run_s))
+            a_us, b_us, s_us = np.min(ta) * 1e6, np.min(tb) * 1e6, np.min(ts) * 1e6
+            lines.append(f"| {b} | {ctx} | {s_us:.0f} | {a_us:.0f} | {b_us:.0f} |")
     return lines
 
 
@@ -595,8 +649,9 @@ def main() -> int:
     if args.design_only:
         return 0
     t = time.perf_counter()
-    report = export_bundle(ckpt, tmp / "bundle", quantize="int8", threads=args.threads)
+    report = export_bundle(ckpt, tmp / "bundle", quantize="int8", threads=args.threads, attention="slot")
     print(f"export (served + int8 + optimum + parity): {time.perf_counter() - t:.1f} s")
+    export_bundle(ckpt, tmp / "gather", threads=args.threads, attention="gather")
     model = load_checkpoint(ckpt)
     cfg = model.config
     print(
@@ -609,6 +664,7 @@ def main() -> int:
         TorchEager(model, slots, max_len),
         Served(tmp / "bundle", slots, max_len, args.threads, "model.onnx", "served fp32"),
         Served(tmp / "bundle", slots, max_len, args.threads, "model.int8.onnx", "served int8"),
+        Served(tmp / "gather", slots, max_len, args.threads, "model.onnx", "gather graph fp32"),
         OptimumLoop(tmp / "bundle", args.threads, cfg),
     ]
     impls.append(GQAPrototype(model, tmp, args.threads, max_len, slots))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.runtime import ATTENTION_DESIGNS
 from model.transformer import Transformer, apply_rotary
 
 
@@ -75,6 +76,45 @@ def cached_attention(q, past_k, past_v, k, v, bias, sizes):
     out = torch.matmul(probs, values)  # [B, KV, rep*S, D]
     # [B, KV, rep*S, D] -> [B, H, S, D] -> [B, S, H*D]
     return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+
+
+def slot_attention_reference(q, k, v, past_k, past_v, slot_ids, position_ids):
+    """What the SlotAttention op (export/csrc/slot_attention.cc) computes, in PyTorch: the op's test reference
+    and the values the tracer sees.
+
+    q [B,S,H*D] rotated, softmax scale folded in; k, v [B,S,KV,D] the new tokens; past_k/past_v [slots,KV,L,D]
+    the whole cache; slot_ids [B]; position_ids [B,S] (start_b.., -1 = right padding) -> [B,S,H*D], zero at
+    padding. Query s of row b sees its slot's positions < start_b and the row's new tokens 0..s."""
+    b, s, hd = q.shape
+    kv, d = past_k.shape[1], past_k.shape[3]
+    h = hd // d
+    rep = h // kv
+    out = torch.zeros_like(q)
+    for i in range(b):
+        start = int(position_ids[i, 0])
+        n = int((position_ids[i] >= 0).sum())
+        slot = int(slot_ids[i])
+        keys = torch.cat([past_k[slot, :, :start], k[i, :n].transpose(0, 1)], dim=1)  # [KV, start+n, D]
+        values = torch.cat([past_v[slot, :, :start], v[i, :n].transpose(0, 1)], dim=1)
+        qi = q[i, :n].view(n, kv, rep, d).permute(1, 2, 0, 3)  # [KV, rep, n, D]
+        scores = torch.matmul(qi, keys[:, None].transpose(2, 3))  # [KV, rep, n, start+n]
+        allowed = torch.arange(start + n)[None, :] <= start + torch.arange(n)[:, None]  # [n, start+n]
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[i, :n] = torch.matmul(probs, values[:, None]).permute(2, 0, 1, 3).reshape(n, hd)
+    return out
+
+
+class SlotAttentionOp(torch.autograd.Function):
+    """`ai.instructlm::SlotAttention` for the tracer: exports as the custom op, runs as the reference."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, slot_ids, position_ids):
+        return slot_attention_reference(q, k, v, past_k, past_v, slot_ids, position_ids)
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, slot_ids, position_ids):
+        out = g.op("ai.instructlm::SlotAttention", q, k, v, past_k, past_v, slot_ids, position_ids)
+        return out.setType(q.type())
 
 
 def register_fused_projections(module: nn.Module, model: Transformer) -> None:
@@ -170,14 +210,53 @@ class ServedGraph(nn.Module):
     docs/BENCHMARKS.md).
     """
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, attention: str = "slot") -> None:
         super().__init__()
+        if attention not in ATTENTION_DESIGNS:
+            raise ValueError(f"attention={attention!r}: one of {', '.join(ATTENTION_DESIGNS)}")
         self.model = model
+        self.attention = attention
         # Traced as a Constant node; int8 quantization finds its MatMuls by value and leaves them in fp32.
         self.register_buffer("rotate_half", rotate_half_matrix(model.config.head_dim), persistent=False)
         register_fused_projections(self, model)
 
-    def forward(self, input_ids, position_ids, logits_index, kv_index, *past):
+    def forward(self, input_ids, position_ids, logits_index, index, *past):
+        """index: slot_ids [B] (attention="slot") or kv_index [B,KV,C] (attention="gather")."""
+        if self.attention == "slot":
+            return self._forward_slot(input_ids, position_ids, logits_index, index, *past)
+        return self._forward_gather(input_ids, position_ids, logits_index, index, *past)
+
+    def _forward_slot(self, input_ids, position_ids, logits_index, slot_ids, *past):
+        m = self.model
+        cfg = m.config
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        rot = self.rotate_half
+        b, s = input_ids.shape
+        safe_pos = position_ids.clamp(min=0)
+        cos, sin = m.rope_cos[safe_pos][:, :, None], m.rope_sin[safe_pos][:, :, None]  # [B, S, 1, D]
+        scale = 1.0 / math.sqrt(d)
+        q_cos, q_sin = cos * scale, sin * scale  # the softmax scale, applied once to the query's rotation
+        x = m.embed_tokens(input_ids)
+        new_kv = []
+        for i, layer in enumerate(m.layers):
+            # [B, S, heads, D] throughout: the op takes this layout, so no transposes
+            q, k, v = fused_qkv(self, i, layer.input_layernorm(x), (b, s, h, kv, d))
+            q = q * q_cos + torch.matmul(q, rot) * q_sin
+            k = k * cos + torch.matmul(k, rot) * sin
+            out = SlotAttentionOp.apply(
+                q.reshape(b, s, h * d), k, v, past[2 * i], past[2 * i + 1], slot_ids, position_ids
+            )
+            hidden = x + layer.self_attn.o_proj(out)
+            x = hidden + fused_mlp(self, i, layer, layer.post_attention_layernorm(hidden))
+            new_kv += [k, v]
+        return (self._logits(x, logits_index), *new_kv)
+
+    def _logits(self, x, logits_index):
+        hidden = self.model.norm(x)  # [B, S, H]
+        picked = torch.gather(hidden, 1, logits_index[:, :, None].expand(-1, -1, hidden.shape[2]))  # [B,N,H]
+        return self.model.lm_head(picked)
+
+    def _forward_gather(self, input_ids, position_ids, logits_index, kv_index, *past):
         m = self.model
         cfg = m.config
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -212,9 +291,7 @@ class ServedGraph(nn.Module):
             hidden = x + attn.o_proj(cached_attention(q, past_k, past_v, k, v, bias, sizes))
             x = hidden + fused_mlp(self, i, layer, layer.post_attention_layernorm(hidden))
             new_kv += [k, v]
-        hidden = m.norm(x)  # [B, S, H]
-        picked = torch.gather(hidden, 1, logits_index[:, :, None].expand(-1, -1, hidden.shape[2]))  # [B,N,H]
-        return (m.lm_head(picked), *new_kv)
+        return (self._logits(x, logits_index), *new_kv)
 
 
 class OptimumGraph(nn.Module):

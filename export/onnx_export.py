@@ -26,13 +26,16 @@ from typing import Any
 import numpy as np
 
 from export.runtime import (
+    ATTENTION_DESIGNS,
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
+    CUSTOM_DOMAIN,
     OPTIMUM,
     REPORT,
     SERVED,
     SERVED_INPUTS,
     SERVED_INT8,
+    SLOT_INPUTS,
     OnnxRunner,
     open_bundle,
     sha256_file,
@@ -62,10 +65,39 @@ class ExportError(UserError):
     """An export request that cannot be carried out as asked (existing output, missing tokenizer...)."""
 
 
-def served_io_names(n_layers: int) -> tuple[list[str], list[str]]:
+def served_io_names(n_layers: int, attention: str = "slot") -> tuple[list[str], list[str]]:
     past = [f"past_{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
     new = [f"new_{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
-    return [*SERVED_INPUTS, *past], ["logits", *new]
+    fixed = SLOT_INPUTS if attention == "slot" else SERVED_INPUTS
+    return [*fixed, *past], ["logits", *new]
+
+
+def resolve_attention(attention: str) -> tuple[str, Path | None]:
+    """("slot" or "gather", the custom op library for "slot"). "auto" is "slot" when the library is built."""
+    from export.custom_ops import default_library, find_library
+
+    if attention not in ("auto", *ATTENTION_DESIGNS):
+        raise ExportError(f"--attention {attention!r}: one of auto, {', '.join(ATTENTION_DESIGNS)}")
+    lib = find_library()
+    if attention == "gather" or (attention == "auto" and lib is None):
+        return "gather", None
+    if lib is None:
+        raise ExportError(
+            f"--attention slot needs the SlotAttention op library, not found at {default_library()}: build it "
+            "with `python -m export.custom_ops build` (make install does), or pass --attention gather"
+        )
+    return "slot", lib
+
+
+def session_options(threads: int = 1, ops_library: Path | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if ops_library is not None:
+        opts.register_custom_ops_library(str(ops_library))
+    return opts
 
 
 def optimum_io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -74,13 +106,35 @@ def optimum_io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_served(model, path: Path, kv_chunk: int = KV_CHUNK) -> None:
+def export_served(model, path: Path, attention: str = "slot", kv_chunk: int = KV_CHUNK) -> None:
     import torch
 
     from export.graphs import ServedGraph
 
     cfg = model.config
     n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    if attention == "slot":
+        b, s, slots, cache_len = 2, 3, 4, 8
+        args = (
+            torch.zeros(b, s, dtype=torch.long),
+            torch.tensor([[2, 3, 4], [0, 1, -1]]),  # a ragged pair: the trace sees padding too
+            torch.full((b, 1), s - 1),
+            torch.tensor([3, 1]),
+            *[torch.zeros(slots, kv, cache_len, d) for _ in range(2 * n)],
+        )
+        names_in, names_out = served_io_names(n, "slot")
+        dyn = {
+            "input_ids": {0: "batch", 1: "seq"},
+            "position_ids": {0: "batch", 1: "seq"},
+            "logits_index": {0: "batch", 1: "n_logits"},
+            "slot_ids": {0: "batch"},
+            "logits": {0: "batch", 1: "n_logits"},
+        }
+        # The whole cache of each layer, [slots, KV, cache_len, D], bound once by the runner.
+        dyn.update({name: {0: "slots", 2: "cache_len"} for name in names_in[len(SLOT_INPUTS) :]})
+        dyn.update({name: {0: "batch", 1: "seq"} for name in names_out[1:]})  # [B, S, KV, D]
+        _trace(ServedGraph(model, "slot").eval(), args, path, names_in, names_out, dyn, custom=True)
+        return
     b, s, chunks, rows = 2, 3, 2, 2 * kv * 8
     args = (
         torch.zeros(b, s, dtype=torch.long),
@@ -89,7 +143,7 @@ def export_served(model, path: Path, kv_chunk: int = KV_CHUNK) -> None:
         torch.arange(b * kv * chunks).reshape(b, kv, chunks),
         *[torch.zeros(rows, kv_chunk * d) for _ in range(2 * n)],
     )
-    names_in, names_out = served_io_names(n)
+    names_in, names_out = served_io_names(n, "gather")
     dyn: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch", 1: "seq"},
         "position_ids": {0: "batch", 1: "seq"},
@@ -98,8 +152,8 @@ def export_served(model, path: Path, kv_chunk: int = KV_CHUNK) -> None:
         "logits": {0: "batch", 1: "n_logits"},
     }
     dyn.update({name: {0: "cache_rows"} for name in names_in[len(SERVED_INPUTS) :]})
-    dyn.update({name: {0: "batch", 2: "seq"} for name in names_out[1:]})
-    _trace(ServedGraph(model).eval(), args, path, names_in, names_out, dyn)
+    dyn.update({name: {0: "batch", 2: "seq"} for name in names_out[1:]})  # [B, KV, S, D]
+    _trace(ServedGraph(model, "gather").eval(), args, path, names_in, names_out, dyn)
 
 
 def export_optimum(model, path: Path) -> None:
@@ -128,7 +182,7 @@ def export_optimum(model, path: Path) -> None:
     _trace(OptimumGraph(model).eval(), args, path, names_in, names_out, dyn)
 
 
-def _trace(module, args, path: Path, names_in, names_out, dyn) -> None:
+def _trace(module, args, path: Path, names_in, names_out, dyn, custom: bool = False) -> None:
     import onnx
     import torch
 
@@ -145,7 +199,9 @@ def _trace(module, args, path: Path, names_in, names_out, dyn) -> None:
             dynamic_axes=dyn,
             opset_version=OPSET,
             dynamo=False,
+            custom_opsets={CUSTOM_DOMAIN: 1} if custom else None,
         )
+    # The checker validates every standard node; a custom-domain node has no schema for it to check.
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -159,13 +215,12 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def optimize(src: Path, dst: Path, threads: int = 1) -> None:
+def optimize(src: Path, dst: Path, threads: int = 1, ops_library: Path | None = None) -> None:
     """onnxruntime's extended graph optimizations (fusions into its CPU/CUDA contrib ops), saved to `dst`.
     Not ORT_ENABLE_ALL: its layout transforms are specific to the machine that ran them."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts = session_options(threads, ops_library)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
@@ -192,7 +247,7 @@ def rotation_matmuls(path: Path) -> list[str]:
     return found
 
 
-def quantize_int8(src: Path, dst: Path, threads: int = 1) -> None:
+def quantize_int8(src: Path, dst: Path, threads: int = 1, ops_library: Path | None = None) -> None:
     """Dynamic quantization: MatMul weights to int8 (per output channel), activations quantized per call."""
     import logging
 
@@ -212,7 +267,9 @@ def quantize_int8(src: Path, dst: Path, threads: int = 1) -> None:
         per_channel=True,
         nodes_to_exclude=keep,
     )
-    optimize(tmp, dst, threads)  # fuses DynamicQuantizeLinear + MatMulInteger into DynamicQuantizeMatMul
+    optimize(
+        tmp, dst, threads, ops_library
+    )  # fuses DynamicQuantizeLinear + MatMulInteger into DynamicQuantizeMatMul
     tmp.unlink()
 
 
@@ -523,8 +580,11 @@ def export_bundle(
     threads: int = 1,
     parity_slots: int = 4,
     progress: Callable[[str, int], None] | None = None,
+    attention: str = "auto",
 ) -> dict[str, Any]:
-    """Write a complete bundle to `out` (built in a sibling temp dir, renamed into place) and return its report."""
+    """Write a complete bundle to `out` (built in a sibling temp dir, renamed into place) and return its report.
+    attention: the served graph's design, "slot" (the SlotAttention op; needs its library built), "gather"
+    (standard ONNX ops only) or "auto" (slot when the library is built)."""
     import onnxruntime as ort
     import torch
 
@@ -535,6 +595,7 @@ def export_bundle(
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: only 'int8' is supported")
     _check_out(out, force)
+    attention, ops_library = resolve_attention(attention)
     # One call per stage, with the number of stages, so a caller can draw a bar with an ETA.
     total = 6 + (3 if quantize == "int8" else 0) + (1 if val_data and quantize != "int8" else 0)
 
@@ -560,9 +621,9 @@ def export_bundle(
         t = time.perf_counter()
         say("exporting the served graph")
         raw = tmp / "served.raw.onnx"
-        export_served(model, raw)
+        export_served(model, raw, attention)
         say("optimizing it with onnxruntime")
-        optimize(raw, tmp / SERVED, threads)
+        optimize(raw, tmp / SERVED, threads, ops_library)
         say("exporting the optimum-layout graph")
         export_optimum(model, tmp / OPTIMUM)
         timings["export_s"] = time.perf_counter() - t
@@ -570,7 +631,7 @@ def export_bundle(
             t = time.perf_counter()
             say("quantizing MatMul weights to int8")
             # From the traced graph, not the optimized one: the quantizer infers types over standard ops only.
-            quantize_int8(raw, tmp / SERVED_INT8, threads)
+            quantize_int8(raw, tmp / SERVED_INT8, threads, ops_library)
             timings["quantize_s"] = time.perf_counter() - t
         if not (checkpoint / "generation_config.json").is_file():
             # Checkpoints written elsewhere may lack it; the service reads its stop tokens from it.
@@ -587,7 +648,7 @@ def export_bundle(
         }
         if quantize == "int8":
             files[SERVED_INT8] = _file_entry(tmp / SERVED_INT8, "served", "int8")
-        names_in, names_out = served_io_names(cfg.num_hidden_layers)
+        names_in, names_out = served_io_names(cfg.num_hidden_layers, attention)
         report: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
@@ -595,7 +656,7 @@ def export_bundle(
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "opset": OPSET},
             "config": {k: getattr(cfg, k) for k in GRAPH_CONFIG_KEYS},
-            "served_graph": {"inputs": names_in, "outputs": names_out},
+            "served_graph": {"attention": attention, "inputs": names_in, "outputs": names_out},
             "files": files,
             "ops": {
                 "served_exported": op_counts(raw),

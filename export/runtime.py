@@ -33,8 +33,13 @@ OPTIMUM = "optimum/model.onnx"
 BUNDLE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", REPORT)
 BUNDLE_FORMAT = "instructlm-onnx-bundle"
 BUNDLE_VERSION = 1
+# The served graph's two attention designs (export/graphs.py, ServedGraph): "slot" reads the cache in place
+# through the ai.instructlm::SlotAttention custom op, "gather" uses standard ONNX ops only.
+ATTENTION_DESIGNS = ("slot", "gather")
+CUSTOM_DOMAIN = "ai.instructlm"
 # The served graph's fixed inputs; past_key.{i} / past_value.{i} follow, one pair per layer.
-SERVED_INPUTS = ("input_ids", "position_ids", "logits_index", "kv_index")
+SERVED_INPUTS = ("input_ids", "position_ids", "logits_index", "kv_index")  # attention="gather"
+SLOT_INPUTS = ("input_ids", "position_ids", "logits_index", "slot_ids")  # attention="slot"
 
 
 class BundleError(CheckpointError):
@@ -158,6 +163,13 @@ class OnnxRunner:
                 f"max_len must be in 1..{cfg.max_position_embeddings} (max_position_embeddings), got {max_len}"
             )
         self.model_file = self.bundle.file(model_file)
+        # The served graph's attention design (bundles written before the slot op have no entry: gather).
+        self.attention = self.bundle.report.get("served_graph", {}).get("attention", "gather")
+        if self.attention not in ATTENTION_DESIGNS:
+            raise BundleError(
+                f"{self.bundle.file(REPORT)}: served_graph.attention is {self.attention!r}, this runner knows "
+                f"{', '.join(ATTENTION_DESIGNS)}"
+            )
         opts = ort.SessionOptions()
         # 2 cores shared: an unset pool oversubscribes (a prefill ran 25x slower); the caller says how many.
         opts.intra_op_num_threads = threads
@@ -165,6 +177,20 @@ class OnnxRunner:
         # The saved graph already carries the portable fusions; ALL adds this machine's kernel layouts
         # (decode at batch 1: 1.40 ms vs 1.65 ms with BASIC, demo shape, 1 thread).
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.attention == "slot":
+            from export.custom_ops import default_library, find_library
+
+            lib = find_library()
+            if lib is None:
+                raise BundleError(
+                    f"{self.model_file}: its attention is the {CUSTOM_DOMAIN}::SlotAttention op, whose library "
+                    f"{default_library()} is not built; build it with `python -m export.custom_ops build` "
+                    "(make install does) or export the bundle with --attention gather"
+                )
+            opts.register_custom_ops_library(str(lib))
+            # The op is a CPU kernel: on another provider onnxruntime would copy the whole cache to the CPU and
+            # back around it at every call. The GPU path is the torch runner with the Triton kernels.
+            providers = ["CPUExecutionProvider"]
         available = ort.get_available_providers()
         requested = [p for p in (providers if providers is not None else pick_providers()) if p in available]
         if "CPUExecutionProvider" not in requested:
@@ -175,6 +201,7 @@ class OnnxRunner:
             raise BundleError(f"{self.model_file}: onnxruntime cannot load it ({exc})") from None
         # What onnxruntime actually registered: CUDA is dropped here when its libraries or device are absent.
         self.providers = self.session.get_providers()
+        self._inputs = SLOT_INPUTS if self.attention == "slot" else SERVED_INPUTS
         chunk = self._check_graph()
 
         n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -199,8 +226,9 @@ class OnnxRunner:
         self._past = []
         for i in range(n):
             for kind, cache in (("key", self.k), ("value", self.v)):
-                # [slots*KV*cache_len/chunk, chunk*D] view of [slots, KV, cache_len, D]
-                ov = ort.OrtValue.ortvalue_from_numpy(cache[i].reshape(-1, chunk * d))
+                # slot: [slots, KV, cache_len, D] as it is; gather: its [slots*KV*cache_len/chunk, chunk*D] view
+                view = cache[i] if self.attention == "slot" else cache[i].reshape(-1, chunk * d)
+                ov = ort.OrtValue.ortvalue_from_numpy(view)
                 self._io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
                 self._dio.bind_ortvalue_input(f"past_{kind}.{i}", ov)
                 self._past.append(ov)
@@ -218,26 +246,34 @@ class OnnxRunner:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
         n = cfg.num_hidden_layers
-        want_in = [*SERVED_INPUTS] + [f"past_{k}.{i}" for i in range(n) for k in ("key", "value")]
+        fixed = SLOT_INPUTS if self.attention == "slot" else SERVED_INPUTS
+        want_in = [*fixed] + [f"past_{k}.{i}" for i in range(n) for k in ("key", "value")]
         missing = [name for name in want_in if name not in inputs]
         if missing:
             layers = sum(1 for name in inputs if name.startswith("past_key."))
             raise BundleError(
                 f"{f}: graph lacks input(s) {', '.join(missing[:4])}; config.json has {n} layers, "
-                f"the graph has {layers}"
+                f"the graph has {layers}, and {REPORT} says its attention is {self.attention!r}"
             )
         extra = sorted(set(inputs) - set(want_in))
         if extra:
             raise BundleError(
                 f"{f}: graph has input(s) {', '.join(extra[:4])} that config.json ({n} layers) lacks"
             )
+        if self.attention == "slot":
+            past = _dims(inputs["past_key.0"])  # [slots, KV, cache_len, D]
+            if len(past) != 4 or past[1] != cfg.num_key_value_heads or past[3] != cfg.head_dim:
+                raise BundleError(
+                    f"{f}: past_key.0 is {past}, config.json wants [slots, {cfg.num_key_value_heads}, "
+                    f"cache_len, {cfg.head_dim}]"
+                )
         past_d = _dims(inputs["past_key.0"])[-1]
         if not isinstance(past_d, int) or past_d % cfg.head_dim:
             raise BundleError(
                 f"{f}: past_key.0 rows hold {past_d} values, not whole positions of head_dim {cfg.head_dim} "
                 "(config.json)"
             )
-        kv = _dims(inputs["kv_index"])[1]
+        kv = _dims(inputs["kv_index"])[1] if self.attention == "gather" else cfg.num_key_value_heads
         if kv != cfg.num_key_value_heads:
             raise BundleError(f"{f}: kv_index has {kv} KV heads, config.json says {cfg.num_key_value_heads}")
         want_out = ["logits"] + [f"new_{k}.{i}" for i in range(n) for k in ("key", "value")]
@@ -247,7 +283,8 @@ class OnnxRunner:
         vocab = _dims(outputs["logits"])[-1]
         if vocab != cfg.vocab_size:
             raise BundleError(f"{f}: logits have vocab {vocab}, config.json says {cfg.vocab_size}")
-        return past_d // cfg.head_dim
+        # slot: the op reads positions directly, the cache needs no rounding to chunks
+        return 1 if self.attention == "slot" else past_d // cfg.head_dim
 
     def _check_rows(self, slots: Sequence[int] | np.ndarray, ends: Sequence[int] | np.ndarray) -> None:
         # Vectorized: a per-row Python loop was a measurable part of the runner's ~0.2 ms per batch-16 step.
@@ -276,21 +313,33 @@ class OnnxRunner:
             )
 
     # --- the Runner interface ----------------------------------------------------------------------------
+    def _index(self, slots: np.ndarray, past_len: int) -> np.ndarray:
+        """The graph's fourth input: slot_ids [B] (slot) or kv_index [B, KV, C] (gather: the chunks covering
+        past_len positions; the graph masks each row's positions >= its start)."""
+        if self.attention == "slot":
+            return slots
+        chunks = -(-past_len // self.kv_chunk)
+        return self._base[slots][:, :, None] + np.arange(chunks, dtype=np.int64)
+
+    def _new_shape(self, b: int, s: int) -> tuple[int, int, int, int]:
+        cfg = self.config
+        if self.attention == "slot":
+            return (b, s, cfg.num_key_value_heads, cfg.head_dim)
+        return (b, cfg.num_key_value_heads, s, cfg.head_dim)
+
     def _run(self, ids, pos, logits_index, slots, past_len):
         import onnxruntime as ort
 
-        chunks = -(-past_len // self.kv_chunk)  # the graph masks the chunk's positions >= each row's start
-        kv_index = self._base[slots][:, :, None] + np.arange(chunks, dtype=np.int64)  # [B, KV, C]
-        for name, arr in zip(SERVED_INPUTS, (ids, pos, logits_index, kv_index), strict=True):
+        index = self._index(slots, past_len)
+        for name, arr in zip(self._inputs, (ids, pos, logits_index, index), strict=True):
             self._io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
         # New keys/values go into one numpy buffer bound once per shape (B, S): consecutive decode steps at the
         # same batch size rebind them and copy nothing out (saved about 0.2 ms per step at batch 1).
         (b, s), n = ids.shape, logits_index.shape[1]
         cfg = self.config
         if self._out_shape != (b, s):
-            kv_shape = (b, cfg.num_key_value_heads, s, cfg.head_dim)
-            # new_{key,value}.{i} are views of one [layers, 2, B, KV, S, D] array, in the cache's order.
-            self._new = np.empty((cfg.num_hidden_layers, 2, *kv_shape), np.float32)
+            # new_{key,value}.{i} are views of one [layers, 2, B, KV, S, D] array (slot: [.., B, S, KV, D]).
+            self._new = np.empty((cfg.num_hidden_layers, 2, *self._new_shape(b, s)), np.float32)
             self._io.clear_binding_outputs()
             for i in range(cfg.num_hidden_layers):
                 for j, kind in enumerate(("key", "value")):
@@ -342,7 +391,10 @@ class OnnxRunner:
         b_idx, s_idx = np.nonzero(pos >= 0)
         slot_idx, pos_idx = slots_a[b_idx], pos[b_idx, s_idx]
         # cache[:, :, slot, :, pos] <- new[:, :, b, :, s]: both sides [N, layers, 2, KV, D]
-        self._kv[:, :, slot_idx, :, pos_idx] = new_kv[:, :, b_idx, :, s_idx]
+        if self.attention == "slot":  # new is [layers, 2, B, S, KV, D]
+            self._kv[:, :, slot_idx, :, pos_idx] = new_kv[:, :, b_idx, s_idx].transpose(2, 0, 1, 3, 4)
+        else:
+            self._kv[:, :, slot_idx, :, pos_idx] = new_kv[:, :, b_idx, :, s_idx]
         self.lengths[slots_a] = starts_a + lens
         if all_logits:
             return [logits[i, : lens[i]] for i in range(b)]
@@ -372,7 +424,8 @@ class OnnxRunner:
         ):
             self._check_rows(slots_a, pos + 1)
             self._check_starts(slots_a, pos)
-        chunks = -(-pmax // self.kv_chunk)  # the graph masks the chunk's positions >= each row's start
+        # gather: the chunks of past this batch reads (the graph masks positions >= each row's start)
+        chunks = 0 if self.attention == "slot" else -(-pmax // self.kv_chunk)
         dec = self._dec
         if dec is None or dec.chunks != chunks or not np.array_equal(dec.slots, slots_a):
             dec = self._dec = _DecodeBinding(self, slots_a, chunks, dec)
@@ -383,7 +436,10 @@ class OnnxRunner:
         self._dio.bind_ortvalue_output("logits", _ort().OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(self._dio)
         # cache[:, :, slot_b, :, pos_b] <- new[:, :, b, :, 0]: [B, layers, 2, KV, D] on both sides
-        self._kv[:, :, slots_a, :, pos] = dec.new[:, :, :, :, 0].transpose(2, 0, 1, 3, 4)
+        new = (
+            dec.new[:, :, :, 0] if self.attention == "slot" else dec.new[:, :, :, :, 0]
+        )  # [layers, 2, B, KV, D]
+        self._kv[:, :, slots_a, :, pos] = new.transpose(2, 0, 1, 3, 4)
         self.lengths[slots_a] = pos + 1
         return logits[:, 0]
 
@@ -409,7 +465,9 @@ def _ort():
 class _DecodeBinding:
     """Decode's bound inputs for one batch (its slots, in order, and the chunks of past it reads): token and
     position buffers the runner overwrites each step, kv_index and the zero logits_index computed once, and
-    the new keys/values bound to one [layers, 2, B, KV, 1, D] array (reused from `prev` when B is the same)."""
+    the new keys/values bound to one [layers, 2, B, KV, 1, D] array ([.., B, 1, KV, D] for the slot graph;
+    reused from `prev` when B is the same). The slot graph reads no chunks: its binding changes with the slots
+    only."""
 
     __slots__ = ("slots", "chunks", "ids", "pos", "new", "_keep")
 
@@ -422,19 +480,17 @@ class _DecodeBinding:
         self.slots, self.chunks = slots.copy(), chunks
         self.ids = np.zeros((b, 1), np.int64)
         self.pos = np.zeros((b, 1), np.int64)
-        kv_index = runner._base[slots][:, :, None] + np.arange(chunks, dtype=np.int64)  # [B, KV, C]
-        values = (self.ids, self.pos, np.zeros((b, 1), np.int64), kv_index)
+        index = runner._index(self.slots, chunks * runner.kv_chunk)  # slot_ids or kv_index
+        values = (self.ids, self.pos, np.zeros((b, 1), np.int64), index)
         # The OrtValues must outlive the binding: kept on the instance.
         self._keep = [ort.OrtValue.ortvalue_from_numpy(a) for a in values]
-        for name, ov in zip(SERVED_INPUTS, self._keep, strict=True):
+        for name, ov in zip(runner._inputs, self._keep, strict=True):
             io.bind_ortvalue_input(name, ov)
         if prev is not None and prev.new.shape[2] == b:
             self.new = prev.new
             self._keep += prev._keep[len(values) :]
         else:
-            self.new = np.empty(
-                (cfg.num_hidden_layers, 2, b, cfg.num_key_value_heads, 1, cfg.head_dim), np.float32
-            )
+            self.new = np.empty((cfg.num_hidden_layers, 2, *runner._new_shape(b, 1)), np.float32)
             for i in range(cfg.num_hidden_layers):
                 for j, kind in enumerate(("key", "value")):
                     ov = ort.OrtValue.ortvalue_from_numpy(self.new[i, j])

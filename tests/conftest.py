@@ -92,5 +92,17 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint, torch_threads):
     root = tmp_path_factory.mktemp("bundle")
     val = root / "val.jsonl"
     val.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus()[:24]))
-    export_bundle(tiny_checkpoint, root / "bundle", quantize="int8", val_data=val)
+    # The slot design (the default where its op library is built, as `make install` does): explicit, so a
+    # missing library fails here with the message saying how to build it instead of testing the other design.
+    export_bundle(tiny_checkpoint, root / "bundle", quantize="int8", val_data=val, attention="slot")
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def tiny_gather_bundle(tmp_path_factory, tiny_checkpoint, torch_threads):
+    """The tiny checkpoint with the standard-ops served graph (attention="gather"), fp32 only. Read-only."""
+    from export.onnx_export import export_bundle
+
+    root = tmp_path_factory.mktemp("gather")
+    export_bundle(tiny_checkpoint, root / "bundle", attention="gather")
     return root / "bundle"

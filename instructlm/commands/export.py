@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="JSONL split (records with text or messages) or text file: perplexity fp32 vs int8 in the report",
     )
     onnx.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1)")
+    onnx.add_argument(
+        "--attention",
+        choices=["auto", "slot", "gather"],
+        default="auto",
+        help="served graph's attention: slot (the SlotAttention op reading the cache in place; its library "
+        "is built by `make install` / `python -m export.custom_ops build`), gather (standard ONNX ops only), "
+        "auto (slot when the library is built; default)",
+    )
     onnx.set_defaults(func=run_onnx)
 
     gguf = verbs.add_parser(
@@ -75,6 +83,7 @@ def run_onnx(args: argparse.Namespace) -> int:
             val_data=args.val_data,
             threads=args.threads,
             progress=say,
+            attention=args.attention,
         )
     finally:
         if bar is not None:
@@ -91,6 +100,7 @@ def run_onnx(args: argparse.Namespace) -> int:
             f"int8 perplexity {q['perplexity_int8']:.3f} vs fp32 {q['perplexity_fp32']:.3f} "
             f"({q['perplexity_rel_change']:+.2%})"
         )
+    print(f"served graph attention: {report['served_graph']['attention']}")
     print(f"wrote {args.out} (report: {args.out}/export_report.json)")
     if not report["passed"]:
         print("export onnx: parity check FAILED for an fp32 file; see export_report.json", file=sys.stderr)

@@ -106,8 +106,14 @@ def test_image_defaults_are_service_settings():
     model path is where the chart expects it."""
     from service.settings import Settings, load_settings
 
+    from export.custom_ops import ENV_LIBRARY
+
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
     env = dict(re.findall(r"\b(INSTRUCTLM_[A-Z_]+)=(\S+)", text.split("AS runtime", 1)[1]))
+    # The one that is not a service setting: where the runner finds the SlotAttention op library, which the
+    # image's ops stage builds and the runtime stage copies to exactly that path.
+    lib = env.pop(ENV_LIBRARY)
+    assert f"COPY --from=ops {lib} {lib}" in text
     fields = {f.encode_name for f in msgspec.inspect.type_info(Settings).fields}
     assert {k.removeprefix("INSTRUCTLM_").lower() for k in env} <= fields
     settings = load_settings(environ=env)

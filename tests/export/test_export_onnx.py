@@ -69,7 +69,7 @@ def test_report_counts_ops_and_shows_fusions(report):
     assert quantized == 2 * 4 + 1
 
 
-def test_graphs_check_and_have_dynamic_axes(tiny_bundle, report):
+def test_graphs_check_and_have_dynamic_axes(tiny_bundle, tiny_gather_bundle, report):
     assert report["onnx_checker"] == {"served (as exported)": "passed", "optimum/model.onnx": "passed"}
     for name in ("model.onnx", "optimum/model.onnx"):
         model = onnx.load(str(tiny_bundle / name))
@@ -82,12 +82,28 @@ def test_graphs_check_and_have_dynamic_axes(tiny_bundle, report):
         assert dims["input_ids"] == (
             ["batch", "seq"] if name == "model.onnx" else ["batch_size", "sequence_length"]
         )
-    served = onnx.load(str(tiny_bundle / "model.onnx"))
-    dims = {
-        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in served.graph.input
-    }
+
+    def input_dims(bundle):
+        served = onnx.load(str(bundle / "model.onnx"))
+        dims = {
+            i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in served.graph.input
+        }
+        return served, dims
+
+    # The slot design: the whole cache of a layer, slot ids per row, one SlotAttention node per layer.
+    served, dims = input_dims(tiny_bundle)
+    assert report["served_graph"]["attention"] == "slot"
+    assert dims["slot_ids"] == ["batch"]
+    assert dims["past_key.0"] == ["slots", 2, "cache_len", 16]  # 2 KV heads, head_dim 16
+    layers = report["config"]["num_hidden_layers"]
+    assert report["ops"]["served_optimized"]["ai.instructlm.SlotAttention"] == layers
+    assert {o.domain: o.version for o in served.opset_import}["ai.instructlm"] == 1
+    # The gather design: standard ops only, chunk rows of the cache picked by kv_index.
+    served, dims = input_dims(tiny_gather_bundle)
     assert dims["kv_index"] == ["batch", 2, "past"]
     assert dims["past_key.0"] == ["cache_rows", 16 * KV_CHUNK]  # head_dim 16, KV_CHUNK positions a row
+    assert not [n.op_type for n in served.graph.node if n.domain == "ai.instructlm"]
 
 
 def test_optimum_graph_generates_like_transformers(tiny_bundle, tiny_checkpoint):

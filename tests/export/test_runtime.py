@@ -22,9 +22,15 @@ TOL = 1e-4
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module", params=["slot", "gather"])
+def design_bundle(request):
+    """Each served-graph design's bundle: the slot op (default) and standard ops only."""
+    return request.getfixturevalue("tiny_bundle" if request.param == "slot" else "tiny_gather_bundle")
+
+
 @pytest.fixture(scope="module")
-def runner(tiny_bundle):
-    return OnnxRunner(tiny_bundle, num_slots=6, max_len=96, threads=1)
+def runner(design_bundle):
+    return OnnxRunner(design_bundle, num_slots=6, max_len=96, threads=1)
 
 
 def _torch_prefill(model, cache, rows, slots, starts):
@@ -117,11 +123,11 @@ def test_bad_rows_are_refused(runner):
         runner.prefill([[5], [6]], [1, 1], [0, 0])
 
 
-def test_providers_are_what_onnxruntime_registered(runner, tiny_bundle):
+def test_providers_are_what_onnxruntime_registered(runner, design_bundle):
     # No CUDA build here: CPU only, and the runner reports the session's real providers, not the wish list.
     assert pick_providers() == ["CPUExecutionProvider"]
     assert runner.providers == ["CPUExecutionProvider"]
-    asked = OnnxRunner(tiny_bundle, 1, 16, providers=["CUDAExecutionProvider"], verify_hash=False)
+    asked = OnnxRunner(design_bundle, 1, 16, providers=["CUDAExecutionProvider"], verify_hash=False)
     assert asked.providers == ["CPUExecutionProvider"]
 
 
@@ -170,10 +176,10 @@ def _prefill_then_decode_worst(model, runner, rows, slots, decode_steps) -> floa
     return worst
 
 
-def test_cache_length_that_is_not_a_whole_number_of_chunks(tiny_model, tiny_bundle):
-    """max_len 37 with 16-position chunks: the cache is allocated in whole chunks (48), rows read up to 3 chunks
-    whose tail is masked, and the last position (36) is still usable and correct."""
-    runner = OnnxRunner(tiny_bundle, num_slots=3, max_len=37, threads=1, verify_hash=False)
+def test_cache_length_that_is_not_a_whole_number_of_chunks(tiny_model, tiny_gather_bundle):
+    """max_len 37 with 16-position chunks (gather design): the cache is allocated in whole chunks (48), rows
+    read up to 3 chunks whose tail is masked, and the last position (36) is still usable and correct."""
+    runner = OnnxRunner(tiny_gather_bundle, num_slots=3, max_len=37, threads=1, verify_hash=False)
     assert runner.kv_chunk == 16 and runner.k.shape[3] == 48
     rng = np.random.default_rng(11)
     rows = [rng.integers(3, tiny_model.config.vocab_size, n).tolist() for n in (30, 17)]
@@ -183,14 +189,28 @@ def test_cache_length_that_is_not_a_whole_number_of_chunks(tiny_model, tiny_bund
         runner.decode(np.array([5]), np.array([2]), np.array([37]))
 
 
-def test_bundle_traced_with_one_position_per_row_still_runs(tiny_model, bundle_copy):
-    """Bundles exported before the chunked layout bind past rows of one position (past [R, head_dim]); the
-    runner reads the chunk size from the graph, so they keep working."""
+def test_slot_cache_is_exactly_max_len(tiny_model, tiny_bundle):
+    """The slot op reads positions, not chunks: max_len 37 allocates 37 positions, and the last one works."""
+    runner = OnnxRunner(tiny_bundle, num_slots=3, max_len=37, threads=1, verify_hash=False)
+    assert runner.attention == "slot" and runner.k.shape[3] == 37
+    rng = np.random.default_rng(11)
+    rows = [rng.integers(3, tiny_model.config.vocab_size, n).tolist() for n in (30, 17)]
+    assert _prefill_then_decode_worst(tiny_model, runner, rows, [2, 0], decode_steps=7) <= TOL
+    with pytest.raises(ValueError, match="past the cache length 37"):
+        runner.decode(np.array([5]), np.array([2]), np.array([37]))
+
+
+def test_bundle_traced_with_one_position_per_row_still_runs(tiny_model, tiny_gather_bundle, tmp_path):
+    """Bundles exported before the chunked layout bind past rows of one position (past [R, head_dim]) and have
+    no attention entry in their report; the runner reads the chunk size from the graph, so they keep working."""
     from export.onnx_export import export_served
     from export.runtime import sha256_file
 
-    export_served(tiny_model, bundle_copy / "model.onnx", kv_chunk=1)
+    bundle_copy = tmp_path / "old"
+    shutil.copytree(tiny_gather_bundle, bundle_copy)
+    export_served(tiny_model, bundle_copy / "model.onnx", "gather", kv_chunk=1)
     report = json.loads((bundle_copy / "export_report.json").read_text())
+    del report["served_graph"]["attention"]
     entry = report["files"]["model.onnx"]
     entry["bytes"], entry["sha256"] = (
         (bundle_copy / "model.onnx").stat().st_size,
@@ -271,14 +291,14 @@ def test_unknown_report_is_refused(bundle_copy):
         open_bundle(bundle_copy)
 
 
-def test_random_engine_schedule_matches_pytorch(tiny_model, tiny_bundle):
+def test_random_engine_schedule_matches_pytorch(tiny_model, design_bundle):
     """What a continuous-batching engine does, in a random order: chunked prefills of mixed lengths, decode
     steps over whichever slots are active, prefix copies and releases; every call's logits against PyTorch
     running the same calls over its own KVCache."""
     rng = np.random.default_rng(7)
     cfg = tiny_model.config
     slots_n, max_len = 5, 64
-    runner = OnnxRunner(tiny_bundle, slots_n, max_len, verify_hash=False)
+    runner = OnnxRunner(design_bundle, slots_n, max_len, verify_hash=False)
     cache = KVCache(cfg, slots_n, max_len)
     lengths = [0] * slots_n
     worst = 0.0

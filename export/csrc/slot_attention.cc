@@ -1,0 +1,290 @@
+// instructlm::SlotAttention: onnxruntime CPU custom op for the served graph (export/graphs.py, ServedGraph with
+// attention="slot"). Attention over the serving engine's slot KV cache, read in place.
+//
+// Inputs
+//   0 q            float [B, S, H*D]    rotated queries, softmax scale already folded in
+//   1 k            float [B, S, KV, D]  rotated keys of the new tokens
+//   2 v            float [B, S, KV, D]  values of the new tokens
+//   3 past_key     float [slots, KV, L, D]  the runner's whole cache of this layer (bound once, never copied)
+//   4 past_value   float [slots, KV, L, D]
+//   5 slot_ids     int64 [B]            cache slot of each row
+//   6 position_ids int64 [B, S]         row b holds positions start_b, start_b+1, ..; -1 marks right padding
+// Output
+//   0 out          float [B, S, H*D]    zero at padding positions
+//
+// Query s of row b (s < n_b, the row's real tokens) attends to positions 0..start_b-1 of its slot and to the
+// row's new tokens 0..s (causal). Query heads h = g*rep + r share KV head g (rep = H/KV), so each key and value
+// row is read once for its rep heads. Nothing is copied: the gather and concatenation the standard-op graph
+// needs (a copy of the past per layer and call, then a second one with the new tokens appended) are what this
+// op exists to remove. The new keys/values are not written here: the graph returns them and the runner writes
+// them into the cache after the call, so the op has no side effects on its inputs.
+//
+// Built by export/custom_ops.py against onnxruntime's C/C++ API headers (ABI-stable: a library built against
+// API version N loads into any onnxruntime >= N).
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One build that runs everywhere and uses AVX-512 / AVX2+FMA where the CPU has them (chosen at load time).
+#define INSTRUCTLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define INSTRUCTLM_CLONES
+#endif
+
+constexpr int kQueryBlock = 8;  // queries of one row processed together, so each key/value row is loaded once
+constexpr int64_t kAhead = 8;   // software prefetch distance, in cache positions
+
+// e^x for x <= 0 (scores minus their row maximum): 2^n * e^r with |r| <= ln2/2, Taylor series to r^6
+// (relative error about 1e-7); written so the compiler vectorizes it (std::exp is a scalar library call).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693145752f - n * 1.42860677e-6f;  // ln 2 split in two for precision
+  const float p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Shape {
+  int64_t B, S, H, KV, D, slots, L;
+};
+
+struct Task {
+  Shape g;
+  const float *q, *k, *v, *kc, *vc;
+  const int64_t *slot_ids, *starts, *counts;
+  float* out;
+};
+
+// Rows [qb] of one (row b, KV head g) block: queries s0..s0+qb-1. DT is D when known at compile time.
+template <int DT>
+INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t s0, int qb, float* scores) {
+  const Shape& sh = t.g;
+  const int64_t D = DT ? DT : sh.D;
+  const int rep = static_cast<int>(sh.H / sh.KV);
+  const int64_t start = t.starts[b];
+  const int64_t span = start + s0 + qb;  // positions the block's last query sees
+  const float* kc = t.kc + ((t.slot_ids[b] * sh.KV + g) * sh.L) * D;
+  const float* vc = t.vc + ((t.slot_ids[b] * sh.KV + g) * sh.L) * D;
+  const int lanes = qb * rep;  // (query, head) pairs, lane = i*rep + r
+  const float* qrow[kQueryBlock * 16];
+  float* orow[kQueryBlock * 16];
+  for (int i = 0; i < qb; ++i) {
+    for (int r = 0; r < rep; ++r) {
+      const int64_t off = ((b * sh.S + s0 + i) * sh.H + g * rep + r) * D;
+      qrow[i * rep + r] = t.q + off;
+      orow[i * rep + r] = t.out + off;
+    }
+  }
+  // scores[lane * span + l]
+  for (int64_t l = 0; l < span; ++l) {
+    const float* kr = l < start ? kc + l * D : t.k + ((b * sh.S + (l - start)) * sh.KV + g) * D;
+    if (l + kAhead < start) {
+      // The cache rows come from memory, not cache, in a real step (the weights evict them): ask for the
+      // key row kAhead positions on, and this position's value row, read after the softmax.
+      for (int64_t c = 0; c < D; c += 16) {
+        __builtin_prefetch(kc + (l + kAhead) * D + c);
+        __builtin_prefetch(vc + l * D + c);
+      }
+    }
+    // query i sees l when l <= start + s0 + i
+    const int first = l < start + s0 ? 0 : static_cast<int>(l - start - s0);
+    for (int lane = first * rep; lane < lanes; ++lane) {
+      const float* qr = qrow[lane];
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += qr[d] * kr[d];
+      scores[lane * span + l] = acc;
+    }
+  }
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int64_t n = start + s0 + lane / rep + 1;
+    float* row = scores + lane * span;
+    float m = row[0];
+    for (int64_t l = 1; l < n; ++l) m = row[l] > m ? row[l] : m;
+    float sum = 0.f;
+    for (int64_t l = 0; l < n; ++l) {
+      const float e = exp_nonpositive(row[l] - m);
+      row[l] = e;
+      sum += e;
+    }
+    const float inv = 1.f / sum;
+    for (int64_t l = 0; l < n; ++l) row[l] *= inv;
+    std::memset(orow[lane], 0, sizeof(float) * D);
+  }
+  for (int64_t l = 0; l < span; ++l) {
+    const float* vr = l < start ? vc + l * D : t.v + ((b * sh.S + (l - start)) * sh.KV + g) * D;
+    const int first = l < start + s0 ? 0 : static_cast<int>(l - start - s0);
+    for (int lane = first * rep; lane < lanes; ++lane) {
+      const float p = scores[lane * span + l];
+      float* o = orow[lane];
+      for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+    }
+  }
+}
+
+// One (row, KV head) pair: every block of its queries.
+void attend_pair(void* data, size_t index) {
+  const Task& t = *static_cast<const Task*>(data);
+  const int64_t b = static_cast<int64_t>(index) / t.g.KV, g = static_cast<int64_t>(index) % t.g.KV;
+  const int64_t n = t.counts[b];
+  const int rep = static_cast<int>(t.g.H / t.g.KV);
+  thread_local std::vector<float> scores;
+  scores.resize(static_cast<size_t>(kQueryBlock * rep) * (t.starts[b] + n));
+  for (int64_t s0 = 0; s0 < n; s0 += kQueryBlock) {
+    const int qb = static_cast<int>(n - s0 < kQueryBlock ? n - s0 : kQueryBlock);
+    switch (t.g.D) {
+      case 32: attend_block<32>(t, b, g, s0, qb, scores.data()); break;
+      case 64: attend_block<64>(t, b, g, s0, qb, scores.data()); break;
+      case 128: attend_block<128>(t, b, g, s0, qb, scores.data()); break;
+      default: attend_block<0>(t, b, g, s0, qb, scores.data());
+    }
+  }
+}
+
+OrtStatus* error(const std::string& msg) {
+  return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, ("SlotAttention: " + msg).c_str());
+}
+
+std::string dims(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+struct Kernel {
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    try {
+      return compute(context);
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+    }
+  }
+
+  OrtStatus* compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto q = ctx.GetInput(0), k = ctx.GetInput(1), v = ctx.GetInput(2);
+    auto pk = ctx.GetInput(3), pv = ctx.GetInput(4), sid = ctx.GetInput(5), pos = ctx.GetInput(6);
+    const auto qs = q.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ks = k.GetTensorTypeAndShapeInfo().GetShape();
+    const auto vs = v.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ps = pk.GetTensorTypeAndShapeInfo().GetShape();
+    const auto pvs = pv.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ss = sid.GetTensorTypeAndShapeInfo().GetShape();
+    const auto pss = pos.GetTensorTypeAndShapeInfo().GetShape();
+    if (qs.size() != 3 || ks.size() != 4 || ps.size() != 4) {
+      return error("q must be [B, S, H*D], k/v [B, S, KV, D] and the past [slots, KV, L, D]; got q " +
+                   dims(qs) + ", k " + dims(ks) + ", past_key " + dims(ps));
+    }
+    Shape g{qs[0], qs[1], 0, ps[1], ps[3], ps[0], ps[2]};
+    if (g.D <= 0 || qs[2] % g.D || ks != vs || ps != pvs || ks[0] != g.B || ks[1] != g.S || ks[2] != g.KV ||
+        ks[3] != g.D || ss != std::vector<int64_t>{g.B} || pss != std::vector<int64_t>{g.B, g.S}) {
+      return error("inconsistent shapes: q " + dims(qs) + ", k " + dims(ks) + ", v " + dims(vs) +
+                   ", past_key " + dims(ps) + ", past_value " + dims(pvs) + ", slot_ids " + dims(ss) +
+                   ", position_ids " + dims(pss));
+    }
+    g.H = qs[2] / g.D;
+    if (g.KV <= 0 || g.H % g.KV || g.H / g.KV > 16) {
+      return error(std::to_string(g.H) + " query heads over " + std::to_string(g.KV) +
+                   " KV heads (need a whole number of query heads per KV head, at most 16)");
+    }
+    const int64_t* slot_ids = sid.GetTensorData<int64_t>();
+    const int64_t* p = pos.GetTensorData<int64_t>();
+    std::vector<int64_t> starts(g.B), counts(g.B);
+    for (int64_t b = 0; b < g.B; ++b) {
+      int64_t n = 0;
+      while (n < g.S && p[b * g.S + n] >= 0) ++n;
+      starts[b] = p[b * g.S];
+      counts[b] = n;
+      if (slot_ids[b] < 0 || slot_ids[b] >= g.slots) {
+        return error("row " + std::to_string(b) + ": slot " + std::to_string(slot_ids[b]) + " is outside 0.." +
+                     std::to_string(g.slots - 1));
+      }
+      if (n == 0 || starts[b] + n > g.L) {
+        return error("row " + std::to_string(b) + ": positions " + std::to_string(starts[b]) + ".." +
+                     std::to_string(starts[b] + n - 1) + " are outside the cache's 0.." +
+                     std::to_string(g.L - 1) + " (or the row is all padding)");
+      }
+    }
+    auto out = ctx.GetOutput(0, qs);
+    float* o = out.GetTensorMutableData<float>();
+    for (int64_t b = 0; b < g.B; ++b) {  // padding positions
+      if (counts[b] < g.S) {
+        std::memset(o + (b * g.S + counts[b]) * g.H * g.D, 0, sizeof(float) * (g.S - counts[b]) * g.H * g.D);
+      }
+    }
+    Task t{g,
+           q.GetTensorData<float>(),
+           k.GetTensorData<float>(),
+           v.GetTensorData<float>(),
+           pk.GetTensorData<float>(),
+           pv.GetTensorData<float>(),
+           slot_ids,
+           starts.data(),
+           counts.data(),
+           o};
+    const size_t pairs = static_cast<size_t>(g.B * g.KV);
+    if (pairs == 1) {
+      attend_pair(&t, 0);
+    } else {
+      // onnxruntime's intra-op pool (the session's intra_op_num_threads); inline with one thread.
+      ctx.ParallelFor(attend_pair, pairs, 0, &t);
+    }
+    return nullptr;
+  }
+};
+
+struct Op : Ort::CustomOpBase<Op, Kernel, true> {
+  OrtStatus* CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
+    *kernel = new Kernel();
+    return nullptr;
+  }
+  const char* GetName() const { return "SlotAttention"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i < 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+// onnxruntime calls this when a session registers the library (SessionOptions.register_custom_ops_library).
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    return nullptr;  // cannot even report: an onnxruntime older than the headers this was built with
+  }
+  Ort::InitApi(api);
+  static Op op;
+  static Ort::CustomOpDomain* domain = nullptr;
+  static std::once_flag once;
+  try {
+    std::call_once(once, [] {
+      domain = new Ort::CustomOpDomain("ai.instructlm");  // lives as long as the process, as sessions need
+      domain->Add(&op);
+    });
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return nullptr;
+}
