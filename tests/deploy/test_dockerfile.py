@@ -104,9 +104,8 @@ def test_runtime_user_healthcheck_and_entrypoint_match_the_chart():
 def test_image_defaults_are_service_settings():
     """ENV INSTRUCTLM_* in the image are Settings fields (the service ignores unknown names) and the image's
     model path is where the chart expects it."""
-    from service.settings import Settings, load_settings
-
     from export.custom_ops import ENV_LIBRARY
+    from service.settings import Settings, load_settings
 
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
     env = dict(re.findall(r"\b(INSTRUCTLM_[A-Z_]+)=(\S+)", text.split("AS runtime", 1)[1]))
