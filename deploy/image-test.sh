@@ -63,8 +63,9 @@ model.init_weights(seed=0)
 tok.save(out / "tokenizer", model_max_length=cfg.max_position_embeddings)
 save_checkpoint(model.eval(), out / "checkpoint", tokenizer_dir=out / "tokenizer")
 EOF
+# --attention slot: the image must run the SlotAttention op library its ops stage builds.
 OMP_NUM_THREADS=1 "${NICE[@]}" .venv/bin/instructlm export onnx --checkpoint "$WORK/checkpoint" --out "$WORK/bundle" \
-  2>&1 | tail -1
+  --attention slot 2>&1 | tail -1
 say "tiny bundle exported to $WORK/bundle"
 
 # 3. Build (about 5 minutes on 2 cores, most of it pip and the vfs driver's full layer copies).

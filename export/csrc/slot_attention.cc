@@ -44,6 +44,9 @@ namespace {
 
 constexpr int kQueryBlock = 8;  // queries of one row processed together, so each key/value row is loaded once
 constexpr int64_t kAhead = 8;   // software prefetch distance, in cache positions
+constexpr int kTile = 16;       // prefill: key positions per score tile (one AVX-512 vector)
+constexpr int kLaneGroup = 8;   // prefill: (query, head) lanes accumulated together, kept in registers
+constexpr int64_t kTransposeFrom = 4;  // chunks of at least this many new tokens take the transposed path
 
 // e^x for x <= 0 (scores minus their row maximum): 2^n * e^r with |r| <= ln2/2, Taylor series to r^6
 // (relative error about 1e-7); written so the compiler vectorizes it (std::exp is a scalar library call).
@@ -72,7 +75,8 @@ struct Task {
 
 // Rows [qb] of one (row b, KV head g) block: queries s0..s0+qb-1. DT is D when known at compile time.
 template <int DT>
-INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t s0, int qb, float* scores) {
+INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t s0, int qb, float* scores,
+                                    const float* kt, int64_t kt_stride) {
   const Shape& sh = t.g;
   const int64_t D = DT ? DT : sh.D;
   const int rep = static_cast<int>(sh.H / sh.KV);
@@ -91,7 +95,28 @@ INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t
     }
   }
   // scores[lane * span + l]
-  for (int64_t l = 0; l < span; ++l) {
+  if (kt != nullptr) {
+    // Prefill: keys transposed ([D][kt_stride], zero past the pair's last position), so a tile of kTile
+    // positions is a contiguous vector and each (query, head) lane accumulates kTile scores with plain
+    // multiply-adds, where the row-wise dot products below each end in a horizontal sum. Positions a lane
+    // may not see are computed too and never read (its softmax stops at its own length).
+    for (int lane0 = 0; lane0 < lanes; lane0 += kLaneGroup) {
+      const int nl = lanes - lane0 < kLaneGroup ? lanes - lane0 : kLaneGroup;
+      for (int64_t l0 = 0; l0 < span; l0 += kTile) {
+        float acc[kLaneGroup][kTile] = {};
+        for (int64_t d = 0; d < D; ++d) {
+          const float* col = kt + d * kt_stride + l0;
+          for (int i = 0; i < nl; ++i) {
+            const float a = qrow[lane0 + i][d];
+            for (int j = 0; j < kTile; ++j) acc[i][j] += a * col[j];
+          }
+        }
+        const int64_t w = span - l0 < kTile ? span - l0 : kTile;
+        for (int i = 0; i < nl; ++i) std::memcpy(scores + (lane0 + i) * span + l0, acc[i], sizeof(float) * w);
+      }
+    }
+  }
+  for (int64_t l = 0; kt == nullptr && l < span; ++l) {
     const float* kr = l < start ? kc + l * D : t.k + ((b * sh.S + (l - start)) * sh.KV + g) * D;
     if (l + kAhead < start) {
       // The cache rows come from memory, not cache, in a real step (the weights evict them): ask for the
@@ -110,47 +135,108 @@ INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t
       scores[lane * span + l] = acc;
     }
   }
+  float inv_sum[kQueryBlock * 16];
   for (int lane = 0; lane < lanes; ++lane) {
     const int64_t n = start + s0 + lane / rep + 1;
     float* row = scores + lane * span;
     float m = row[0];
-    for (int64_t l = 1; l < n; ++l) m = row[l] > m ? row[l] : m;
+    int64_t l = 0;
+    if (n >= kTile) {  // elementwise maxima over tiles vectorize (a max reduction would not, without -ffast-math)
+      float mv[kTile];
+      std::memcpy(mv, row, sizeof mv);
+      for (l = kTile; l + kTile <= n; l += kTile) {
+        for (int j = 0; j < kTile; ++j) mv[j] = row[l + j] > mv[j] ? row[l + j] : mv[j];
+      }
+      for (int j = 0; j < kTile; ++j) m = mv[j] > m ? mv[j] : m;
+    }
+    for (; l < n; ++l) m = row[l] > m ? row[l] : m;
     float sum = 0.f;
     for (int64_t l = 0; l < n; ++l) {
       const float e = exp_nonpositive(row[l] - m);
       row[l] = e;
       sum += e;
     }
-    const float inv = 1.f / sum;
-    for (int64_t l = 0; l < n; ++l) row[l] *= inv;
-    std::memset(orow[lane], 0, sizeof(float) * D);
+    inv_sum[lane] = 1.f / sum;  // applied to the output, not to every weight
+    for (int64_t l = n; l < span; ++l) row[l] = 0.f;  // positions this query may not see weigh nothing
   }
-  for (int64_t l = 0; l < span; ++l) {
-    const float* vr = l < start ? vc + l * D : t.v + ((b * sh.S + (l - start)) * sh.KV + g) * D;
-    const int first = l < start + s0 ? 0 : static_cast<int>(l - start - s0);
-    for (int lane = first * rep; lane < lanes; ++lane) {
-      const float p = scores[lane * span + l];
-      float* o = orow[lane];
-      for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+  // out[lane] = sum_l p[lane][l] * v[l], a group of lanes at a time: with D known the group's accumulators
+  // stay in registers while the value rows stream past (8 lanes x 32 floats = 16 AVX-512 registers).
+  for (int lane0 = 0; lane0 < lanes; lane0 += kLaneGroup) {
+    const int nl = lanes - lane0 < kLaneGroup ? lanes - lane0 : kLaneGroup;
+    float acc[kLaneGroup][DT ? DT : 1];
+    float* out[kLaneGroup];
+    for (int i = 0; i < nl; ++i) {
+      out[i] = orow[lane0 + i];
+      if (DT) {
+        for (int64_t d = 0; d < D; ++d) acc[i][d] = 0.f;
+      } else {
+        std::memset(out[i], 0, sizeof(float) * D);
+      }
     }
+    for (int64_t l = 0; l < span; ++l) {
+      const float* vr = l < start ? vc + l * D : t.v + ((b * sh.S + (l - start)) * sh.KV + g) * D;
+      for (int i = 0; i < nl; ++i) {
+        const float p = scores[(lane0 + i) * span + l];
+        if (DT) {
+          for (int64_t d = 0; d < D; ++d) acc[i][d] += p * vr[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) out[i][d] += p * vr[d];
+        }
+      }
+    }
+    for (int i = 0; i < nl; ++i) {
+      const float inv = inv_sum[lane0 + i];
+      if (DT) {
+        for (int64_t d = 0; d < D; ++d) out[i][d] = acc[i][d] * inv;
+      } else {
+        for (int64_t d = 0; d < D; ++d) out[i][d] *= inv;
+      }
+    }
+  }
+}
+
+// Ask for the first cache rows of pair `index` (the in-loop prefetch starts kAhead positions in).
+void prefetch_pair(const Task& t, size_t index) {
+  if (index >= static_cast<size_t>(t.g.B * t.g.KV)) return;
+  const int64_t b = static_cast<int64_t>(index) / t.g.KV, g = static_cast<int64_t>(index) % t.g.KV;
+  const int64_t off = ((t.slot_ids[b] * t.g.KV + g) * t.g.L) * t.g.D;
+  const int64_t rows = t.starts[b] < kAhead ? t.starts[b] : kAhead;
+  for (int64_t c = 0; c < rows * t.g.D; c += 16) {
+    __builtin_prefetch(t.kc + off + c);
+    __builtin_prefetch(t.vc + off + c);
   }
 }
 
 // One (row, KV head) pair: every block of its queries.
 void attend_pair(void* data, size_t index) {
   const Task& t = *static_cast<const Task*>(data);
+  prefetch_pair(t, index + 1);  // pairs run in order on a thread: the next one's rows arrive meanwhile
   const int64_t b = static_cast<int64_t>(index) / t.g.KV, g = static_cast<int64_t>(index) % t.g.KV;
   const int64_t n = t.counts[b];
   const int rep = static_cast<int>(t.g.H / t.g.KV);
-  thread_local std::vector<float> scores;
-  scores.resize(static_cast<size_t>(kQueryBlock * rep) * (t.starts[b] + n));
+  const int64_t D = t.g.D, total = t.starts[b] + n;
+  thread_local std::vector<float> scores, kt;
+  scores.resize(static_cast<size_t>(kQueryBlock * rep) * total);
+  const float* ktp = nullptr;
+  const int64_t stride = (total + kTile - 1) / kTile * kTile;
+  if (n >= kTransposeFrom) {
+    // Prefill chunk: transpose this pair's keys once (past from the cache, then the new tokens); every query
+    // block of the chunk reuses them.
+    kt.assign(static_cast<size_t>(D * stride), 0.f);
+    const float* kc = t.kc + ((t.slot_ids[b] * t.g.KV + g) * t.g.L) * D;
+    for (int64_t l = 0; l < total; ++l) {
+      const float* kr = l < t.starts[b] ? kc + l * D : t.k + ((b * t.g.S + (l - t.starts[b])) * t.g.KV + g) * D;
+      for (int64_t d = 0; d < D; ++d) kt[d * stride + l] = kr[d];
+    }
+    ktp = kt.data();
+  }
   for (int64_t s0 = 0; s0 < n; s0 += kQueryBlock) {
     const int qb = static_cast<int>(n - s0 < kQueryBlock ? n - s0 : kQueryBlock);
     switch (t.g.D) {
-      case 32: attend_block<32>(t, b, g, s0, qb, scores.data()); break;
-      case 64: attend_block<64>(t, b, g, s0, qb, scores.data()); break;
-      case 128: attend_block<128>(t, b, g, s0, qb, scores.data()); break;
-      default: attend_block<0>(t, b, g, s0, qb, scores.data());
+      case 32: attend_block<32>(t, b, g, s0, qb, scores.data(), ktp, stride); break;
+      case 64: attend_block<64>(t, b, g, s0, qb, scores.data(), ktp, stride); break;
+      case 128: attend_block<128>(t, b, g, s0, qb, scores.data(), ktp, stride); break;
+      default: attend_block<0>(t, b, g, s0, qb, scores.data(), ktp, stride);
     }
   }
 }
@@ -239,6 +325,7 @@ struct Kernel {
            counts.data(),
            o};
     const size_t pairs = static_cast<size_t>(g.B * g.KV);
+    prefetch_pair(t, 0);
     if (pairs == 1) {
       attend_pair(&t, 0);
     } else {
