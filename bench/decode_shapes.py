@@ -2,9 +2,11 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/decode_shapes.py [--checkpoint runs/demo/checkpoint]
 
-1. Ragged rows. Continuous batching runs rows at different positions. The served graph (gather + length mask)
-   attends every row over the longest row's past; onnxruntime's GroupQueryAttention (bench/export.py's
-   prototype, in place over the slot buffer) over each row's own length. Timed: all rows at the mean position,
+1. Ragged rows. Continuous batching runs rows at different positions. The served graph is whatever the
+   bundle's export chose: with the SlotAttention op (the default) every row attends over its own length, read in
+   place; the gather graph (`--attention gather`) attends every row over the longest row's past.
+   onnxruntime's GroupQueryAttention (bench/export.py's prototype, in place over the slot buffer) follows each
+   row's own length too. Timed: all rows at the mean position,
    rows spread evenly from LO to HI, all rows at HI (median of interleaved rounds, each step re-decoding the same
    positions: a step's cost depends on its positions only).
 2. The other core. The served decode step with this process on CPU 0 while a second process on CPU 1 idles,

@@ -3,7 +3,9 @@
     PYTHONPATH=. python bench/export.py [--checkpoint DIR] [--threads 2] [--context 128] [--steps 64]
 
 Decode: milliseconds per step (one token per row) at batch 1 and 16, each row holding `--context` tokens.
-Prefill: tokens/s for one 128- and one 512-token prompt. PyTorch eager is `model.transformer` over
+Prefill: tokens/s for one 128- and one 512-token prompt. The served graph is the SlotAttention design (the
+default export; needs `python -m export.custom_ops build`), the "gather graph" the standard-ops design
+(`--attention gather`), both exported by this run. PyTorch eager is `model.transformer` over
 `model.cache.KVCache` (what `model.generate` runs); the optimum loop is what a generic tool does: feed present
 back as past, so the cache grows by a concat every step. With llama-cpp-python installed (the `bench` extra),
 llama.cpp over an f32 GGUF of the same checkpoint is measured too (one sequence at a time: batch 1 only). Without --checkpoint it uses runs/demo/checkpoint when

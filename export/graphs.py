@@ -157,57 +157,50 @@ class ServedGraph(nn.Module):
       input_ids [B,S] int64        right-padded rows
       position_ids [B,S] int64     row b holds positions start_b.. ; -1 marks padding (output ignored)
       logits_index [B,N] int64     which positions of each row get logits: N=1 (last token) or every position
-      kv_index [B,KV,C] int64      row of each past chunk in the cache viewed as chunk rows:
+      attention="slot" (default):
+        slot_ids [B] int64                        cache slot of each row
+        past_key.{i}, past_value.{i} [slots, KV, cache_len, D] float32   layer i's whole cache, as it is
+      attention="gather" (standard ONNX ops only):
+        kv_index [B,KV,C] int64    row of each past chunk in the cache viewed as chunk rows:
                                    (slot*KV + h)*(cache_len/chunk) + j for chunk j, positions j*chunk..
-      past_key.{i}, past_value.{i} [R, chunk*D] float32   the whole cache of layer i, `chunk` positions a row
+        past_key.{i}, past_value.{i} [R, chunk*D] float32   the whole cache of layer i, `chunk` positions a row
     Outputs
-      logits [B,N,V]; new_key.{i}, new_value.{i} [B,KV,S,D] for the runner to write at positions start_b..
+      logits [B,N,V]; new_key.{i}, new_value.{i} for the runner to write at positions start_b..:
+      [B,S,KV,D] (slot) or [B,KV,S,D] (gather)
 
-    The runner sizes each slot's cache in whole chunks; the graph reads the chunk size from past_key's last
-    axis (chunk*D), so a bundle traced with chunk 1 (every position a row, the first version) runs unchanged.
-    Past position l of row b is visible when l < start_b; the new tokens see each other causally. The graph
-    never copies the cache: it gathers only the C chunks this batch reads (C*chunk >= the longest row's start).
+    Past position l of row b is visible when l < start_b; the new tokens see each other causally. Neither
+    design copies the cache whole; they differ in how attention reads it.
 
-    Why chunks of 16 positions: a Gather copies one index at a time, and with one position a row (128 bytes at
-    head_dim 32) the per-index cost, not the bytes, set its speed (Gather was 23% of a batch-16 decode step).
-    Same graph, same run, batch 16, context 128: 5.59 ms per step with one position a row, 4.95 ms with 16;
-    8 and 32 came within 4% of 16, inside run-to-run noise. Rows of 2 KiB read the same bytes plus at most 15
-    masked positions per row. The rest follows the profile too: the mask is built once as an additive bias,
-    not per layer; rotate_half is one MatMul (`rotate_half_matrix`) instead of Slice/Neg/Concat and shape
-    arithmetic; the softmax scale is folded into the query's cos/sin; sizes are traced once, not per layer
-    (1377 -> 996 traced nodes, 649 -> 334 after onnxruntime's optimizations). The runner's own work per step
-    was cut too (one write for all layers, vectorized checks, no logits copy). Each layer's q/k/v projections
-    are one MatMul over concatenated weights and gate/up another (vLLM's QKVParallelLinear and
-    MergedColumnParallelLinear): 18 fewer weight MatMuls at 6 layers and bitwise-equal outputs
-    (`register_fused_projections`, shared with bench/export.py's GQA prototype).
+    slot: each layer's attention is one `ai.instructlm::SlotAttention` node (export/csrc/slot_attention.cc,
+    an onnxruntime custom op built by export/custom_ops.py), which reads every row's own positions of its slot
+    in place, groups query heads on their KV head, and follows each row's length. Nothing is gathered or
+    concatenated, so the past is read from memory once per layer and step. Its PyTorch reference
+    (`slot_attention_reference`) is what the tracer runs and what the op is tested against.
 
-    Median CPU time per decode step, demo model, one thread, context 128, `bench/export.py` (docs/BENCHMARKS.md):
+    gather: the past is gathered in chunks of 16 positions (a Gather copies one index at a time; with one
+    position a row its per-index cost set its speed: 5.59 vs 4.95 ms per batch-16 step), the new keys are
+    concatenated after it, and attention runs as batched MatMuls under an additive length mask. That is two
+    copies of the past per layer and step (the optimum-layout loop makes one, its concat), and every row
+    attends over the longest row's past. Kept for runtimes without the op library (`--attention gather`).
 
-        batch   this graph   the first served graph (earlier run)   GQA whole-decoder prototype   optimum loop
-        1         1.10 ms          1.57 ms                                1.01 ms                     1.17 ms
-        16        4.58 ms          5.53 ms                                4.33 ms                     4.04 ms
+    Both share the rest, from onnxruntime's per-node profile: rotate_half is one MatMul
+    (`rotate_half_matrix`), the softmax scale is folded into the query's cos/sin, sizes are traced once, and
+    each layer's q/k/v projections are one MatMul over concatenated weights and gate/up another (vLLM's
+    QKVParallelLinear and MergedColumnParallelLinear; `register_fused_projections`, bitwise-equal outputs).
 
-    At batch 16 the optimum-layout loop is still ahead (1.03x-1.13x over four runs, 1.37x before). What
-    is left is one copy: this graph gathers the past (one copy) and concatenates the new keys (a second), where
-    the loop only concatenates. Joining split scores instead (no second copy, two more small batched MatMuls
-    per layer) measured 5% slower at batch 16 (5% faster at batch 1), and scattering the new keys into the
-    gathered buffer with ScatterElements 7% slower, so onnxruntime evidently copies the scatter's input too.
-    A graph traced for decode only (one query position, the rest unchanged) ran as fast as this one, and with
-    the new token's score and value as elementwise products (no concatenated keys/values) 7% slower: each
-    such op is a node per layer, and on this machine a node costs microseconds whatever its size.
+    Why a custom op. onnxruntime's GroupQueryAttention over a shared past/present buffer (the other design
+    issue 7 names) also reads the cache in place, but needs batch rows to be buffer rows (slots compacted by a
+    cache copy when sequences end out of order), takes one new-token count for all rows, and its kernel was no
+    faster than the optimum loop at batch 16; the standard-op gather graph could not get below the loop's one
+    copy either. Median CPU ms per decode step, demo model, one thread, context 128, `bench/export.py`
+    (docs/BENCHMARKS.md, 20:40 UTC run):
 
-    onnxruntime's GroupQueryAttention over a shared past/present buffer (the other design issue 7 names) reads
-    the cache in place; with this graph's fusions it is 5% faster at batch 16 (4.02 vs 4.23 ms, the optimum loop
-    3.90) and 19% at batch 1 (0.87 vs 1.08; docs/BENCHMARKS.md), but its batch rows must be the buffer's rows
-    (slots compacted by a cache copy when sequences end out of order, or idle slots carried as dummy rows), its
-    CPU kernel takes one new-token count for all rows (a ragged chunk is padded, writing garbage past each
-    row's end, which must stay below max_len), and it is a com.microsoft op that onnx.checker and other
-    runtimes do not know; it did not beat the optimum loop at batch 16 either. This graph keeps any slot in
-    any row, any mix of chunk and past lengths in one call, standard ONNX ops only, and is traced from the
-    model's own modules (parity about 1e-6). Its price under continuous batching: every row attends over the
-    longest row's past (masked), so 16 rows spread over positions 20-84 cost what all at 84 cost, not what all
-    at 52 cost, where the GQA prototype follows each row's length (`bench/decode_shapes.py`; numbers in
-    docs/BENCHMARKS.md).
+        batch   slot (served)   gather graph   GQA prototype   optimum loop   PyTorch eager
+        1         1.00            1.07            0.93            1.39           3.61
+        16        3.31            4.63            4.34            4.36          11.27
+
+    One attention layer alone, batch 16, context 512, the cache rows hot: slot op 271 us, GroupQueryAttention
+    550, gather + mask 796.
     """
 
     def __init__(self, model: Transformer, attention: str = "slot") -> None:

@@ -3,10 +3,13 @@
 The serving engine wraps `OnnxRunner` (service/runners/onnx.py). Imports: numpy, onnxruntime and the torch-free
 parts of `model` only, so the CPU serving image needs no torch.
 
-The cache lives in numpy, preallocated: k, v [layers, slots, kv_heads, cache_len, head_dim], cache_len = max_len
-rounded up to the graph's chunk (16 positions; ServedGraph's docstring says why). Each layer's slice is bound to
-the session once through IO binding as a [slots*kv_heads*cache_len/chunk, chunk*head_dim] view (no copy: the
-OrtValue aliases the numpy memory), the graph gathers only the chunks a call reads, and the runner writes
+The cache lives in numpy, preallocated: k, v [layers, slots, kv_heads, cache_len, head_dim]. Each layer's
+slice is bound to the session once through IO binding (no copy: the OrtValue aliases the numpy memory). With
+the slot graph (the default, export_report.json's served_graph.attention) it is bound as it is, cache_len =
+max_len, and the graph's SlotAttention op (built by export/custom_ops.py, registered here) reads each row's
+positions in place. With the gather graph cache_len is max_len rounded up to the graph's chunk (16
+positions), the slice is bound as a [slots*kv_heads*cache_len/chunk, chunk*head_dim] view and the graph
+gathers only the chunks a call reads (ServedGraph's docstring compares the two). Either way the runner writes
 the new keys/values the graph returns in place with one fancy-index assignment for all layers. Nothing grows,
 and no step copies the cache.
 """
