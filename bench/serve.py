@@ -741,15 +741,17 @@ def render(args, command, source, bare, ratios, hf_tok_s, llama, rows, ready_s, 
         "",
         "Per-step profile from `/metrics` (`instructlm_engine_step_seconds_total{phase}`), ms per step, all sweeps:",
         "",
-        "| concurrency | steps | tokens/step | schedule | prefill | decode | update (sample, detok, emit) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | steps | tokens/step | schedule | prefill | mixed (prefill + decode in one call) | decode "
+        "| update (sample, detok, emit) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, _, p in rows:
         steps = max(p.get("steps", 0), 1)
         lines.append(
             f"| {c} | {steps:.0f} | {p.get('tokens', 0) / steps:.1f} | "
             + " | ".join(
-                f"{p.get(ph, 0) / steps * 1000:.3f}" for ph in ("schedule", "prefill", "decode", "update")
+                f"{p.get(ph, 0) / steps * 1000:.3f}"
+                for ph in ("schedule", "prefill", "mixed", "decode", "update")
             )
             + " |"
         )

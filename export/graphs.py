@@ -78,42 +78,49 @@ def cached_attention(q, past_k, past_v, k, v, bias, sizes):
     return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
-def slot_attention_reference(q, k, v, past_k, past_v, slot_ids, position_ids):
+def slot_attention_reference(q, k, v, past_k, past_v, slot_ids, position_ids, seq_lens):
     """What the SlotAttention op (export/csrc/slot_attention.cc) computes, in PyTorch: the op's test reference
     and the values the tracer sees.
 
     q [B,S,H*D] rotated, softmax scale folded in; k, v [B,S,KV,D] the new tokens; past_k/past_v [slots,KV,L,D]
-    the whole cache; slot_ids [B]; position_ids [B,S] (start_b.., -1 = right padding) -> [B,S,H*D], zero at
-    padding. Query s of row b sees its slot's positions < start_b and the row's new tokens 0..s."""
+    the whole cache; slot_ids, seq_lens [R]; position_ids [B,S]. Rows are runs of the B*S flattened tokens:
+    row r is seq_lens[r] tokens from sum(seq_lens[:r]) on, starting at its first token's position. Query s of
+    row r sees its slot's positions < start_r and the row's new tokens 0..s; tokens after the last row are
+    zero. -> [B,S,H*D]."""
     b, s, hd = q.shape
     kv, d = past_k.shape[1], past_k.shape[3]
     h = hd // d
     rep = h // kv
-    out = torch.zeros_like(q)
-    for i in range(b):
-        start = int(position_ids[i, 0])
-        n = int((position_ids[i] >= 0).sum())
-        slot = int(slot_ids[i])
-        keys = torch.cat([past_k[slot, :, :start], k[i, :n].transpose(0, 1)], dim=1)  # [KV, start+n, D]
-        values = torch.cat([past_v[slot, :, :start], v[i, :n].transpose(0, 1)], dim=1)
-        qi = q[i, :n].view(n, kv, rep, d).permute(1, 2, 0, 3)  # [KV, rep, n, D]
+    qf, kf, vf = q.reshape(b * s, hd), k.reshape(b * s, kv, d), v.reshape(b * s, kv, d)
+    pos = position_ids.reshape(-1)
+    out = torch.zeros_like(qf)
+    t0 = 0
+    for r in range(seq_lens.shape[0]):
+        n, slot = int(seq_lens[r]), int(slot_ids[r])
+        start = int(pos[t0])
+        keys = torch.cat(
+            [past_k[slot, :, :start], kf[t0 : t0 + n].transpose(0, 1)], dim=1
+        )  # [KV, start+n, D]
+        values = torch.cat([past_v[slot, :, :start], vf[t0 : t0 + n].transpose(0, 1)], dim=1)
+        qi = qf[t0 : t0 + n].view(n, kv, rep, d).permute(1, 2, 0, 3)  # [KV, rep, n, D]
         scores = torch.matmul(qi, keys[:, None].transpose(2, 3))  # [KV, rep, n, start+n]
         allowed = torch.arange(start + n)[None, :] <= start + torch.arange(n)[:, None]  # [n, start+n]
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        out[i, :n] = torch.matmul(probs, values[:, None]).permute(2, 0, 1, 3).reshape(n, hd)
-    return out
+        out[t0 : t0 + n] = torch.matmul(probs, values[:, None]).permute(2, 0, 1, 3).reshape(n, hd)
+        t0 += n
+    return out.view(b, s, hd)
 
 
 class SlotAttentionOp(torch.autograd.Function):
     """`ai.instructlm::SlotAttention` for the tracer: exports as the custom op, runs as the reference."""
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, slot_ids, position_ids):
-        return slot_attention_reference(q, k, v, past_k, past_v, slot_ids, position_ids)
+    def forward(ctx, q, k, v, past_k, past_v, slot_ids, position_ids, seq_lens):
+        return slot_attention_reference(q, k, v, past_k, past_v, slot_ids, position_ids, seq_lens)
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, slot_ids, position_ids):
-        out = g.op("ai.instructlm::SlotAttention", q, k, v, past_k, past_v, slot_ids, position_ids)
+    def symbolic(g, q, k, v, past_k, past_v, slot_ids, position_ids, seq_lens):
+        out = g.op("ai.instructlm::SlotAttention", q, k, v, past_k, past_v, slot_ids, position_ids, seq_lens)
         return out.setType(q.type())
 
 
@@ -213,13 +220,14 @@ class ServedGraph(nn.Module):
         self.register_buffer("rotate_half", rotate_half_matrix(model.config.head_dim), persistent=False)
         register_fused_projections(self, model)
 
-    def forward(self, input_ids, position_ids, logits_index, index, *past):
-        """index: slot_ids [B] (attention="slot") or kv_index [B,KV,C] (attention="gather")."""
+    def forward(self, input_ids, position_ids, logits_index, *rest):
+        """rest: slot_ids [R], seq_lens [R], then the past (attention="slot"); kv_index [B,KV,C], then the past
+        (attention="gather")."""
         if self.attention == "slot":
-            return self._forward_slot(input_ids, position_ids, logits_index, index, *past)
-        return self._forward_gather(input_ids, position_ids, logits_index, index, *past)
+            return self._forward_slot(input_ids, position_ids, logits_index, *rest)
+        return self._forward_gather(input_ids, position_ids, logits_index, *rest)
 
-    def _forward_slot(self, input_ids, position_ids, logits_index, slot_ids, *past):
+    def _forward_slot(self, input_ids, position_ids, logits_index, slot_ids, seq_lens, *past):
         m = self.model
         cfg = m.config
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -237,7 +245,7 @@ class ServedGraph(nn.Module):
             q = q * q_cos + torch.matmul(q, rot) * q_sin
             k = k * cos + torch.matmul(k, rot) * sin
             out = SlotAttentionOp.apply(
-                q.reshape(b, s, h * d), k, v, past[2 * i], past[2 * i + 1], slot_ids, position_ids
+                q.reshape(b, s, h * d), k, v, past[2 * i], past[2 * i + 1], slot_ids, position_ids, seq_lens
             )
             hidden = x + layer.self_attn.o_proj(out)
             x = hidden + fused_mlp(self, i, layer, layer.post_attention_layernorm(hidden))

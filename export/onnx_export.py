@@ -114,12 +114,15 @@ def export_served(model, path: Path, attention: str = "slot", kv_chunk: int = KV
     cfg = model.config
     n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     if attention == "slot":
-        b, s, slots, cache_len = 2, 3, 4, 8
+        # One packed row: a 3-token row at positions 2..4 of slot 3, a 2-token row at 0..1 of slot 1, one
+        # padding token; logits of each row's last token.
+        slots, cache_len = 4, 8
         args = (
-            torch.zeros(b, s, dtype=torch.long),
-            torch.tensor([[2, 3, 4], [0, 1, -1]]),  # a ragged pair: the trace sees padding too
-            torch.full((b, 1), s - 1),
+            torch.zeros(1, 6, dtype=torch.long),
+            torch.tensor([[2, 3, 4, 0, 1, -1]]),
+            torch.tensor([[2, 4]]),
             torch.tensor([3, 1]),
+            torch.tensor([3, 2]),
             *[torch.zeros(slots, kv, cache_len, d) for _ in range(2 * n)],
         )
         names_in, names_out = served_io_names(n, "slot")
@@ -127,7 +130,8 @@ def export_served(model, path: Path, attention: str = "slot", kv_chunk: int = KV
             "input_ids": {0: "batch", 1: "seq"},
             "position_ids": {0: "batch", 1: "seq"},
             "logits_index": {0: "batch", 1: "n_logits"},
-            "slot_ids": {0: "batch"},
+            "slot_ids": {0: "rows"},
+            "seq_lens": {0: "rows"},
             "logits": {0: "batch", 1: "n_logits"},
         }
         # The whole cache of each layer, [slots, KV, cache_len, D], bound once by the runner.

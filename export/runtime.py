@@ -42,7 +42,9 @@ ATTENTION_DESIGNS = ("slot", "gather")
 CUSTOM_DOMAIN = "ai.instructlm"
 # The served graph's fixed inputs; past_key.{i} / past_value.{i} follow, one pair per layer.
 SERVED_INPUTS = ("input_ids", "position_ids", "logits_index", "kv_index")  # attention="gather"
-SLOT_INPUTS = ("input_ids", "position_ids", "logits_index", "slot_ids")  # attention="slot"
+# attention="slot": a call's rows are packed into one [1, T] row of tokens (no padding), seq_lens says how many
+# tokens each row has, slot_ids where its cache is.
+SLOT_INPUTS = ("input_ids", "position_ids", "logits_index", "slot_ids", "seq_lens")
 
 
 class BundleError(CheckpointError):
@@ -357,6 +359,88 @@ class OnnxRunner:
         self.session.run_with_iobinding(self._io)
         return logits, self._new
 
+    def _run_packed(
+        self,
+        rows: Sequence[Sequence[int]],
+        slots: np.ndarray,
+        starts: np.ndarray,
+        lens: np.ndarray,
+        logits_index: np.ndarray,
+    ) -> np.ndarray:
+        """The slot graph over rows packed into one row of T tokens: logits [N, V] at `logits_index` (token
+        indices); writes every token's new keys/values into its slot. Rows are checked by the caller."""
+        ort = _ort()
+        cfg = self.config
+        t = int(lens.sum())
+        ids = np.fromiter((x for r in rows for x in r), dtype=np.int64, count=t)
+        first = np.cumsum(lens) - lens
+        # position of token j of row i = starts[i] + j
+        pos = np.arange(t, dtype=np.int64) + np.repeat(starts - first, lens)
+        for name, arr in zip(
+            SLOT_INPUTS, (ids[None], pos[None], logits_index[None], slots, lens), strict=True
+        ):
+            self._io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
+        if self._out_shape != (1, t):
+            # new_{key,value}.{i} are views of one [layers, 2, 1, T, KV, D] array
+            self._new = np.empty((cfg.num_hidden_layers, 2, *self._new_shape(1, t)), np.float32)
+            self._io.clear_binding_outputs()
+            for i in range(cfg.num_hidden_layers):
+                for j, kind in enumerate(("key", "value")):
+                    self._io.bind_ortvalue_output(
+                        f"new_{kind}.{i}", ort.OrtValue.ortvalue_from_numpy(self._new[i, j])
+                    )
+            self._out_shape = (1, t)
+        logits = np.empty((1, len(logits_index), cfg.vocab_size), np.float32)
+        self._io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(self._io)
+        # cache[:, :, slot, :, pos] <- new[:, :, 0, token]: [T, layers, 2, KV, D] on both sides
+        self._kv[:, :, np.repeat(slots, lens), :, pos] = self._new[:, :, 0].transpose(2, 0, 1, 3, 4)
+        return logits[0]
+
+    @property
+    def has_mixed_step(self) -> bool:
+        """Whether `step` runs decode rows and prefill chunks as one forward (the slot graph packs any rows)."""
+        return self.attention == "slot"
+
+    def step(
+        self,
+        rows: Sequence[Sequence[int]],
+        slots: Sequence[int],
+        starts: Sequence[int],
+        tokens: np.ndarray,
+        decode_slots: np.ndarray,
+        positions: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A continuous-batching step in one forward: prefill chunks (as `prefill`) and decode rows (as
+        `decode`) packed together, so the weights are read once for both. Returns (logits of each chunk's
+        last token [R, V], logits of the decode rows [B, V]). Slot graph only (`has_mixed_step`)."""
+        if not self.has_mixed_step:
+            raise ValueError(f"{self.model_file}: the gather graph runs prefill and decode as separate calls")
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        dslots = np.asarray(decode_slots, dtype=np.int64).reshape(-1)
+        dpos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        r = len(rows)
+        if not (r == len(slots) == len(starts)) or not (len(tokens) == len(dslots) == len(dpos)):
+            raise ValueError(
+                f"step: {r} rows, {len(slots)} slots, {len(starts)} starts; {len(tokens)} tokens, "
+                f"{len(dslots)} decode slots, {len(dpos)} positions"
+            )
+        clens = np.array([len(x) for x in rows], dtype=np.int64)
+        if (clens == 0).any():
+            raise ValueError(f"step: row {int(np.argmin(clens))} is empty")
+        all_slots = np.concatenate([dslots, np.asarray(slots, dtype=np.int64)])
+        all_starts = np.concatenate([dpos, np.asarray(starts, dtype=np.int64)])
+        lens = np.concatenate([np.ones(len(tokens), np.int64), clens])
+        if len(lens) == 0:
+            raise ValueError("step: nothing to run")
+        self._check_rows(all_slots, all_starts + lens)
+        self._check_starts(all_slots, all_starts)
+        ends = np.cumsum(lens) - 1  # decode rows are tokens 0..B-1, each chunk's last token follows
+        logits = self._run_packed([*tokens[:, None], *rows], all_slots, all_starts, lens, ends)
+        self.lengths[all_slots] = all_starts + lens
+        b = len(tokens)
+        return logits[b:], logits[:b]
+
     def prefill(
         self,
         rows: Sequence[Sequence[int]],
@@ -378,6 +462,15 @@ class OnnxRunner:
         slots_a = np.asarray(slots, dtype=np.int64)
         self._check_rows(slots_a, starts_a + lens)
         self._check_starts(slots_a, starts_a)
+        if self.attention == "slot":
+            first = np.cumsum(lens) - lens  # each row's first token in the packed call
+            t = int(lens.sum())
+            logits_index = np.arange(t, dtype=np.int64) if all_logits else first + lens - 1
+            logits = self._run_packed(rows, slots_a, starts_a, lens, logits_index)
+            self.lengths[slots_a] = starts_a + lens
+            if all_logits:
+                return [logits[first[i] : first[i] + lens[i]] for i in range(b)]
+            return logits
         s = int(lens.max())
         ids = np.full((b, s), self.pad_id, dtype=np.int64)
         pos = np.full((b, s), -1, dtype=np.int64)
@@ -394,10 +487,7 @@ class OnnxRunner:
         b_idx, s_idx = np.nonzero(pos >= 0)
         slot_idx, pos_idx = slots_a[b_idx], pos[b_idx, s_idx]
         # cache[:, :, slot, :, pos] <- new[:, :, b, :, s]: both sides [N, layers, 2, KV, D]
-        if self.attention == "slot":  # new is [layers, 2, B, S, KV, D]
-            self._kv[:, :, slot_idx, :, pos_idx] = new_kv[:, :, b_idx, s_idx].transpose(2, 0, 1, 3, 4)
-        else:
-            self._kv[:, :, slot_idx, :, pos_idx] = new_kv[:, :, b_idx, :, s_idx]
+        self._kv[:, :, slot_idx, :, pos_idx] = new_kv[:, :, b_idx, :, s_idx]
         self.lengths[slots_a] = starts_a + lens
         if all_logits:
             return [logits[i, : lens[i]] for i in range(b)]
@@ -432,19 +522,20 @@ class OnnxRunner:
         dec = self._dec
         if dec is None or dec.chunks != chunks or not np.array_equal(dec.slots, slots_a):
             dec = self._dec = _DecodeBinding(self, slots_a, chunks, dec)
-        dec.ids[:, 0] = tokens
-        dec.pos[:, 0] = pos
+        # [B, 1] for the gather graph, [1, B] (one packed row) for the slot graph: the same order either way
+        dec.ids.reshape(-1)[:] = tokens
+        dec.pos.reshape(-1)[:] = pos
         # The logits leave the runner (the engine may keep them): a fresh array per call (see `_run`).
-        logits = np.empty((b, 1, self.config.vocab_size), np.float32)
+        logits = np.empty((*dec.ids.shape, self.config.vocab_size), np.float32)
         self._dio.bind_ortvalue_output("logits", _ort().OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(self._dio)
         # cache[:, :, slot_b, :, pos_b] <- new[:, :, b, :, 0]: [B, layers, 2, KV, D] on both sides
         new = (
-            dec.new[:, :, :, 0] if self.attention == "slot" else dec.new[:, :, :, :, 0]
+            dec.new[:, :, 0] if self.attention == "slot" else dec.new[:, :, :, :, 0]
         )  # [layers, 2, B, KV, D]
         self._kv[:, :, slots_a, :, pos] = new.transpose(2, 0, 1, 3, 4)
         self.lengths[slots_a] = pos + 1
-        return logits[:, 0]
+        return logits.reshape(b, -1)
 
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
         """Prefix-cache hit: the first `length` positions of `src_slot` into `dst_slot`."""
@@ -481,19 +572,26 @@ class _DecodeBinding:
         cfg, io = runner.config, runner._dio
         b = len(slots)
         self.slots, self.chunks = slots.copy(), chunks
-        self.ids = np.zeros((b, 1), np.int64)
-        self.pos = np.zeros((b, 1), np.int64)
-        index = runner._index(self.slots, chunks * runner.kv_chunk)  # slot_ids or kv_index
-        values = (self.ids, self.pos, np.zeros((b, 1), np.int64), index)
+        if runner.attention == "slot":  # one packed row of B one-token rows
+            self.ids = np.zeros((1, b), np.int64)
+            self.pos = np.zeros((1, b), np.int64)
+            logits_index = np.arange(b, dtype=np.int64)[None]
+            values = (self.ids, self.pos, logits_index, self.slots, np.ones(b, np.int64))
+        else:
+            self.ids = np.zeros((b, 1), np.int64)
+            self.pos = np.zeros((b, 1), np.int64)
+            kv_index = runner._index(self.slots, chunks * runner.kv_chunk)
+            values = (self.ids, self.pos, np.zeros((b, 1), np.int64), kv_index)
         # The OrtValues must outlive the binding: kept on the instance.
         self._keep = [ort.OrtValue.ortvalue_from_numpy(a) for a in values]
         for name, ov in zip(runner._inputs, self._keep, strict=True):
             io.bind_ortvalue_input(name, ov)
-        if prev is not None and prev.new.shape[2] == b:
+        new_shape = runner._new_shape(1, b) if runner.attention == "slot" else runner._new_shape(b, 1)
+        if prev is not None and prev.new.shape[2:] == new_shape:
             self.new = prev.new
             self._keep += prev._keep[len(values) :]
         else:
-            self.new = np.empty((cfg.num_hidden_layers, 2, *runner._new_shape(b, 1)), np.float32)
+            self.new = np.empty((cfg.num_hidden_layers, 2, *new_shape), np.float32)
             for i in range(cfg.num_hidden_layers):
                 for j, kind in enumerate(("key", "value")):
                     ov = ort.OrtValue.ortvalue_from_numpy(self.new[i, j])

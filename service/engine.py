@@ -3,7 +3,9 @@ EngineCore.step), run on its own thread so the asyncio side never blocks on the 
 
 - schedule: drop cancelled and timed-out sequences, admit waiting ones into free slots (prefix-cache lookup
   first), and split a per-step token budget: every decoding sequence costs 1, prefill chunks get the rest;
-- execute: one `prefill` call for the chunk rows and one `decode` call for all decoding rows, so a decode row
+- execute: with a runner that packs rows (`has_mixed_step`: the ONNX slot graph), one `step` call for the
+  decode rows and the prefill chunks together, so the weights are read once a step and no row is padded;
+  otherwise one `prefill` call for the chunk rows and one `decode` call for all decoding rows, so a decode row
   is never padded to a chunk's length;
 - update: sample every row that produced a next-token distribution in one vectorized call, detokenize
   incrementally, match stop tokens/strings, emit, free finished slots.
@@ -156,7 +158,9 @@ class Engine:
         self.step_count = 0
         self.prefill_tokens = 0  # prompt tokens run through the model (prefix-cache hits excluded)
         self.decode_rows = 0
-        self.timings = {"schedule": 0.0, "prefill": 0.0, "decode": 0.0, "update": 0.0}
+        self.mixed_steps = 0  # steps whose prefill chunks and decode rows ran as one forward
+        # "mixed": that one forward (what is prefill + decode in a step that runs them apart)
+        self.timings = {"schedule": 0.0, "prefill": 0.0, "mixed": 0.0, "decode": 0.0, "update": 0.0}
 
     # --- the API side (any thread) --------------------------------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
@@ -243,14 +247,23 @@ class Engine:
                 budget -= n
         t1 = time.perf_counter()
 
+        mixed = bool(chunks and decoding and getattr(self.runner, "has_mixed_step", False))
         try:
             sample_rows: list[Sequence] = []
             logits_parts: list[np.ndarray] = []
+            if decoding:
+                tokens = np.fromiter((s.output[-1] for s in decoding), dtype=np.int64, count=len(decoding))
+                slots = np.fromiter((s.slot for s in decoding), dtype=np.int64, count=len(decoding))
+                positions = np.fromiter(
+                    (len(s.prompt) + len(s.output) - 1 for s in decoding), dtype=np.int64, count=len(decoding)
+                )
             if chunks:
                 rows = [s.prompt[s.computed : s.computed + n] for s, n in chunks]
-                logits_p = self.runner.prefill(
-                    rows, [s.slot for s, _ in chunks], [s.computed for s, _ in chunks]
-                )
+                cslots, cstarts = [s.slot for s, _ in chunks], [s.computed for s, _ in chunks]
+                if mixed:  # one forward: the prompt tokens ride along with the decode rows' weight reads
+                    logits_p, logits_d = self.runner.step(rows, cslots, cstarts, tokens, slots, positions)
+                else:
+                    logits_p = self.runner.prefill(rows, cslots, cstarts)
                 done = []
                 for i, (s, n) in enumerate(chunks):
                     s.computed += n
@@ -264,12 +277,9 @@ class Engine:
                     logits_parts.append(np.asarray(logits_p)[done])
             t2 = time.perf_counter()
             if decoding:
-                tokens = np.fromiter((s.output[-1] for s in decoding), dtype=np.int64, count=len(decoding))
-                slots = np.fromiter((s.slot for s in decoding), dtype=np.int64, count=len(decoding))
-                positions = np.fromiter(
-                    (len(s.prompt) + len(s.output) - 1 for s in decoding), dtype=np.int64, count=len(decoding)
-                )
-                logits_parts.append(self.runner.decode(tokens, slots, positions))
+                if not mixed:
+                    logits_d = self.runner.decode(tokens, slots, positions)
+                logits_parts.append(logits_d)
                 sample_rows.extend(decoding)
                 self.decode_rows += len(decoding)
             t3 = time.perf_counter()
@@ -288,9 +298,10 @@ class Engine:
         self._set_gauges()
         t4 = time.perf_counter()  # update = sample + detokenize + stop checks + emit + gauges
         tm, ph = self.timings, self.metrics.phase
+        self.mixed_steps += mixed
         for name, dt in (
             ("schedule", t1 - t0),
-            ("prefill", t2 - t1),
+            ("mixed" if mixed else "prefill", t2 - t1),
             ("decode", t3 - t2),
             ("update", t4 - t3),
         ):

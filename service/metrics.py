@@ -81,7 +81,8 @@ class Metrics:
             f"{p}engine_step_seconds", "Engine step time by phase.", ["phase"], registry=r
         )
         self.phase = {
-            ph: self.step_seconds.labels(phase=ph) for ph in ("schedule", "prefill", "decode", "update")
+            ph: self.step_seconds.labels(phase=ph)
+            for ph in ("schedule", "prefill", "mixed", "decode", "update")
         }
         for reason in ("stop", "length"):
             self.success.labels(finished_reason=reason)

@@ -7,13 +7,16 @@
 //   2 v            float [B, S, KV, D]  values of the new tokens
 //   3 past_key     float [slots, KV, L, D]  the runner's whole cache of this layer (bound once, never copied)
 //   4 past_value   float [slots, KV, L, D]
-//   5 slot_ids     int64 [B]            cache slot of each row
-//   6 position_ids int64 [B, S]         row b holds positions start_b, start_b+1, ..; -1 marks right padding
+//   5 slot_ids     int64 [R]            cache slot of each row
+//   6 position_ids int64 [B, S]         each token's position
+//   7 seq_lens     int64 [R]            tokens of each row
 // Output
-//   0 out          float [B, S, H*D]    zero at padding positions
+//   0 out          float [B, S, H*D]    zero for tokens after the last row
 //
-// Query s of row b (s < n_b, the row's real tokens) attends to positions 0..start_b-1 of its slot and to the
-// row's new tokens 0..s (causal). Query heads h = g*rep + r share KV head g (rep = H/KV), so each key and value
+// Rows are runs of consecutive tokens of the B*S flattened tokens: row r is seq_lens[r] tokens from
+// sum(seq_lens[:r]) on, its positions start_r.. (start_r = its first token's position). The engine packs a
+// step's decode rows and prefill chunks into B = 1 this way, so no row is padded to another's length.
+// Query s of row r attends to positions 0..start_r-1 of its slot and to the row's new tokens 0..s (causal). Query heads h = g*rep + r share KV head g (rep = H/KV), so each key and value
 // row is read once for its rep heads. Nothing is copied: the gather and concatenation the standard-op graph
 // needs (a copy of the past per layer and call, then a second one with the new tokens appended) are what this
 // op exists to remove. The new keys/values are not written here: the graph returns them and the runner writes
@@ -69,7 +72,9 @@ struct Shape {
 struct Task {
   Shape g;
   const float *q, *k, *v, *kc, *vc;
-  const int64_t *slot_ids, *starts, *counts;
+  // per row (a run of consecutive tokens): cache slot, first position, token count, first token's index
+  const int64_t *slot_ids, *starts, *counts, *first;
+  int64_t rows;
   float* out;
 };
 
@@ -89,7 +94,7 @@ INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t
   float* orow[kQueryBlock * 16];
   for (int i = 0; i < qb; ++i) {
     for (int r = 0; r < rep; ++r) {
-      const int64_t off = ((b * sh.S + s0 + i) * sh.H + g * rep + r) * D;
+      const int64_t off = ((t.first[b] + s0 + i) * sh.H + g * rep + r) * D;
       qrow[i * rep + r] = t.q + off;
       orow[i * rep + r] = t.out + off;
     }
@@ -117,7 +122,7 @@ INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t
     }
   }
   for (int64_t l = 0; kt == nullptr && l < span; ++l) {
-    const float* kr = l < start ? kc + l * D : t.k + ((b * sh.S + (l - start)) * sh.KV + g) * D;
+    const float* kr = l < start ? kc + l * D : t.k + ((t.first[b] + (l - start)) * sh.KV + g) * D;
     if (l + kAhead < start) {
       // The cache rows come from memory, not cache, in a real step (the weights evict them): ask for the
       // key row kAhead positions on, and this position's value row, read after the softmax.
@@ -174,7 +179,7 @@ INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t
       }
     }
     for (int64_t l = 0; l < span; ++l) {
-      const float* vr = l < start ? vc + l * D : t.v + ((b * sh.S + (l - start)) * sh.KV + g) * D;
+      const float* vr = l < start ? vc + l * D : t.v + ((t.first[b] + (l - start)) * sh.KV + g) * D;
       for (int i = 0; i < nl; ++i) {
         const float p = scores[(lane0 + i) * span + l];
         if (DT) {
@@ -197,7 +202,7 @@ INSTRUCTLM_CLONES void attend_block(const Task& t, int64_t b, int64_t g, int64_t
 
 // Ask for the first cache rows of pair `index` (the in-loop prefetch starts kAhead positions in).
 void prefetch_pair(const Task& t, size_t index) {
-  if (index >= static_cast<size_t>(t.g.B * t.g.KV)) return;
+  if (index >= static_cast<size_t>(t.rows * t.g.KV)) return;
   const int64_t b = static_cast<int64_t>(index) / t.g.KV, g = static_cast<int64_t>(index) % t.g.KV;
   const int64_t off = ((t.slot_ids[b] * t.g.KV + g) * t.g.L) * t.g.D;
   const int64_t rows = t.starts[b] < kAhead ? t.starts[b] : kAhead;
@@ -225,7 +230,7 @@ void attend_pair(void* data, size_t index) {
     kt.assign(static_cast<size_t>(D * stride), 0.f);
     const float* kc = t.kc + ((t.slot_ids[b] * t.g.KV + g) * t.g.L) * D;
     for (int64_t l = 0; l < total; ++l) {
-      const float* kr = l < t.starts[b] ? kc + l * D : t.k + ((b * t.g.S + (l - t.starts[b])) * t.g.KV + g) * D;
+      const float* kr = l < t.starts[b] ? kc + l * D : t.k + ((t.first[b] + (l - t.starts[b])) * t.g.KV + g) * D;
       for (int64_t d = 0; d < D; ++d) kt[d * stride + l] = kr[d];
     }
     ktp = kt.data();
@@ -266,6 +271,7 @@ struct Kernel {
     Ort::KernelContext ctx(context);
     auto q = ctx.GetInput(0), k = ctx.GetInput(1), v = ctx.GetInput(2);
     auto pk = ctx.GetInput(3), pv = ctx.GetInput(4), sid = ctx.GetInput(5), pos = ctx.GetInput(6);
+    auto len = ctx.GetInput(7);
     const auto qs = q.GetTensorTypeAndShapeInfo().GetShape();
     const auto ks = k.GetTensorTypeAndShapeInfo().GetShape();
     const auto vs = v.GetTensorTypeAndShapeInfo().GetShape();
@@ -273,16 +279,17 @@ struct Kernel {
     const auto pvs = pv.GetTensorTypeAndShapeInfo().GetShape();
     const auto ss = sid.GetTensorTypeAndShapeInfo().GetShape();
     const auto pss = pos.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ls = len.GetTensorTypeAndShapeInfo().GetShape();
     if (qs.size() != 3 || ks.size() != 4 || ps.size() != 4) {
       return error("q must be [B, S, H*D], k/v [B, S, KV, D] and the past [slots, KV, L, D]; got q " +
                    dims(qs) + ", k " + dims(ks) + ", past_key " + dims(ps));
     }
     Shape g{qs[0], qs[1], 0, ps[1], ps[3], ps[0], ps[2]};
     if (g.D <= 0 || qs[2] % g.D || ks != vs || ps != pvs || ks[0] != g.B || ks[1] != g.S || ks[2] != g.KV ||
-        ks[3] != g.D || ss != std::vector<int64_t>{g.B} || pss != std::vector<int64_t>{g.B, g.S}) {
+        ks[3] != g.D || ss.size() != 1 || ls != ss || pss != std::vector<int64_t>{g.B, g.S}) {
       return error("inconsistent shapes: q " + dims(qs) + ", k " + dims(ks) + ", v " + dims(vs) +
                    ", past_key " + dims(ps) + ", past_value " + dims(pvs) + ", slot_ids " + dims(ss) +
-                   ", position_ids " + dims(pss));
+                   ", position_ids " + dims(pss) + ", seq_lens " + dims(ls));
     }
     g.H = qs[2] / g.D;
     if (g.KV <= 0 || g.H % g.KV || g.H / g.KV > 16) {
@@ -291,28 +298,34 @@ struct Kernel {
     }
     const int64_t* slot_ids = sid.GetTensorData<int64_t>();
     const int64_t* p = pos.GetTensorData<int64_t>();
-    std::vector<int64_t> starts(g.B), counts(g.B);
-    for (int64_t b = 0; b < g.B; ++b) {
-      int64_t n = 0;
-      while (n < g.S && p[b * g.S + n] >= 0) ++n;
-      starts[b] = p[b * g.S];
-      counts[b] = n;
-      if (slot_ids[b] < 0 || slot_ids[b] >= g.slots) {
-        return error("row " + std::to_string(b) + ": slot " + std::to_string(slot_ids[b]) + " is outside 0.." +
+    const int64_t* lens = len.GetTensorData<int64_t>();
+    const int64_t rows = ss[0], tokens = g.B * g.S;
+    std::vector<int64_t> starts(rows), counts(rows), first(rows);
+    int64_t t0 = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::string row = "row " + std::to_string(r);
+      if (lens[r] < 1 || t0 + lens[r] > tokens) {
+        return error(row + ": " + std::to_string(lens[r]) + " tokens from token " + std::to_string(t0) +
+                     " do not fit the call's " + std::to_string(tokens) + " tokens");
+      }
+      first[r] = t0;
+      counts[r] = lens[r];
+      starts[r] = p[t0];
+      t0 += lens[r];
+      if (slot_ids[r] < 0 || slot_ids[r] >= g.slots) {
+        return error(row + ": slot " + std::to_string(slot_ids[r]) + " is outside 0.." +
                      std::to_string(g.slots - 1));
       }
-      if (n == 0 || starts[b] + n > g.L) {
-        return error("row " + std::to_string(b) + ": positions " + std::to_string(starts[b]) + ".." +
-                     std::to_string(starts[b] + n - 1) + " are outside the cache's 0.." +
-                     std::to_string(g.L - 1) + " (or the row is all padding)");
+      if (starts[r] < 0 || starts[r] + counts[r] > g.L) {
+        return error(row + ": positions " + std::to_string(starts[r]) + ".." +
+                     std::to_string(starts[r] + counts[r] - 1) + " are outside the cache's 0.." +
+                     std::to_string(g.L - 1));
       }
     }
     auto out = ctx.GetOutput(0, qs);
     float* o = out.GetTensorMutableData<float>();
-    for (int64_t b = 0; b < g.B; ++b) {  // padding positions
-      if (counts[b] < g.S) {
-        std::memset(o + (b * g.S + counts[b]) * g.H * g.D, 0, sizeof(float) * (g.S - counts[b]) * g.H * g.D);
-      }
+    if (t0 < tokens) {  // tokens after the last row: padding
+      std::memset(o + t0 * g.H * g.D, 0, sizeof(float) * (tokens - t0) * g.H * g.D);
     }
     Task t{g,
            q.GetTensorData<float>(),
@@ -323,8 +336,10 @@ struct Kernel {
            slot_ids,
            starts.data(),
            counts.data(),
+           first.data(),
+           rows,
            o};
-    const size_t pairs = static_cast<size_t>(g.B * g.KV);
+    const size_t pairs = static_cast<size_t>(rows * g.KV);
     prefetch_pair(t, 0);
     if (pairs == 1) {
       attend_pair(&t, 0);
@@ -343,7 +358,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel, true> {
   }
   const char* GetName() const { return "SlotAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 7; }
+  size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i < 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   }

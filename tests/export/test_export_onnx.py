@@ -94,7 +94,7 @@ def test_graphs_check_and_have_dynamic_axes(tiny_bundle, tiny_gather_bundle, rep
     # The slot design: the whole cache of a layer, slot ids per row, one SlotAttention node per layer.
     served, dims = input_dims(tiny_bundle)
     assert report["served_graph"]["attention"] == "slot"
-    assert dims["slot_ids"] == ["batch"]
+    assert dims["slot_ids"] == dims["seq_lens"] == ["rows"]
     assert dims["past_key.0"] == ["slots", 2, "cache_len", 16]  # 2 KV heads, head_dim 16
     layers = report["config"]["num_hidden_layers"]
     assert report["ops"]["served_optimized"]["ai.instructlm.SlotAttention"] == layers

@@ -373,3 +373,45 @@ def test_the_cache_is_resident_from_the_start(tiny_bundle):
     assert runner._kv.nbytes >= 32 << 20  # its own mapping, not a corner of the heap
     resident = _resident_bytes_of(runner._kv)
     assert resident >= runner._kv.nbytes, (resident, runner._kv.nbytes)
+
+
+def test_mixed_step_is_one_forward_matching_pytorch(tiny_model, tiny_bundle, tiny_gather_bundle):
+    """The slot graph packs a step's decode rows and prefill chunks into one call (`step`): every logit and
+    the cache it writes match PyTorch running the same rows; the gather graph says it cannot."""
+    rng = np.random.default_rng(5)
+    v = tiny_model.config.vocab_size
+    runner = OnnxRunner(tiny_bundle, num_slots=6, max_len=64, threads=1, verify_hash=False)
+    assert runner.has_mixed_step
+    cache = KVCache(tiny_model.config, 6, 64)
+    first = [rng.integers(3, v, n).tolist() for n in (7, 12)]
+    runner.prefill(first, [2, 5], [0, 0])
+    _torch_prefill(tiny_model, cache, first, [2, 5], [0, 0])
+    tokens, dslots, dpos = np.array([11, 40]), np.array([2, 5]), np.array([7, 12])
+    rows = [rng.integers(3, v, n).tolist() for n in (9, 1, 4)]  # a new prompt, and chunks on top of a past
+    runner.prefill([rows[2][:2]], [1], [0])
+    _torch_prefill(tiny_model, cache, [rows[2][:2]], [1], [0])
+    chunks, cslots, cstarts = [rows[0], rows[1], rows[2][2:]], [0, 3, 1], [0, 0, 2]
+    got_p, got_d = runner.step(chunks, cslots, cstarts, tokens, dslots, dpos)
+    with torch.no_grad():
+        ref_d = tiny_model(
+            torch.tensor(tokens)[:, None], torch.tensor(dpos)[:, None], cache, torch.tensor(dslots)
+        )
+    ref_p = _torch_prefill(tiny_model, cache, chunks, cslots, cstarts)
+    last = ref_p[torch.arange(3), torch.tensor([len(c) - 1 for c in chunks])].numpy()
+    assert got_p.shape == (3, v) and got_d.shape == (2, v)
+    np.testing.assert_allclose(got_d, ref_d[:, 0].numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(got_p, last, atol=TOL, rtol=0)
+    assert runner.lengths[[0, 1, 2, 3, 5]].tolist() == [9, 4, 8, 1, 13]
+    for slot, n in ((0, 9), (1, 4), (2, 8), (3, 1), (5, 13)):
+        np.testing.assert_allclose(
+            runner.k[:, slot, :, :n], cache.k[:, slot, :, :n].numpy(), atol=TOL, rtol=0
+        )
+        np.testing.assert_allclose(
+            runner.v[:, slot, :, :n], cache.v[:, slot, :, :n].numpy(), atol=TOL, rtol=0
+        )
+    with pytest.raises(ValueError, match="repeat a slot"):
+        runner.step([[5]], [2], [8], np.array([3]), np.array([2]), np.array([8]))
+    gather = OnnxRunner(tiny_gather_bundle, num_slots=2, max_len=32, threads=1, verify_hash=False)
+    assert not gather.has_mixed_step
+    with pytest.raises(ValueError, match="separate calls"):
+        gather.step([[5]], [0], [0], np.array([], np.int64), np.array([], np.int64), np.array([], np.int64))

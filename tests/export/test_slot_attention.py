@@ -30,8 +30,9 @@ def _session(h: int, kv: int, d: int, threads: int = 1) -> ort.InferenceSession:
         helper.make_tensor_value_info("v", f, ["B", "S", kv, d]),
         helper.make_tensor_value_info("past_k", f, ["N", kv, "L", d]),
         helper.make_tensor_value_info("past_v", f, ["N", kv, "L", d]),
-        helper.make_tensor_value_info("slot_ids", TensorProto.INT64, ["B"]),
+        helper.make_tensor_value_info("slot_ids", TensorProto.INT64, ["R"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"]),
+        helper.make_tensor_value_info("seq_lens", TensorProto.INT64, ["R"]),
     ]
     node = helper.make_node("SlotAttention", [i.name for i in inputs], ["out"], domain=custom_ops.DOMAIN)
     graph = helper.make_graph(
@@ -46,21 +47,25 @@ def _session(h: int, kv: int, d: int, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _case(rng, h, kv, d, slots, cache_len, rows):
-    """rows: (slot, start, n) per row; S = the longest n, shorter rows right-padded with position -1."""
-    b, s = len(rows), max(n for _, _, n in rows)
-    feed = {
-        "q": rng.standard_normal((b, s, h * d), dtype=np.float32),
-        "k": rng.standard_normal((b, s, kv, d), dtype=np.float32),
-        "v": rng.standard_normal((b, s, kv, d), dtype=np.float32),
+def _case(rng, h, kv, d, slots, cache_len, rows, pad=2):
+    """rows: (slot, start, n) per row, packed one after another into one row of tokens, then `pad` padding
+    tokens (position -1), as the runner packs a step."""
+    t = sum(n for _, _, n in rows) + pad
+    pos = np.full((1, t), -1, dtype=np.int64)
+    i = 0
+    for _, start, n in rows:
+        pos[0, i : i + n] = np.arange(start, start + n)
+        i += n
+    return {
+        "q": rng.standard_normal((1, t, h * d), dtype=np.float32),
+        "k": rng.standard_normal((1, t, kv, d), dtype=np.float32),
+        "v": rng.standard_normal((1, t, kv, d), dtype=np.float32),
         "past_k": rng.standard_normal((slots, kv, cache_len, d), dtype=np.float32),
         "past_v": rng.standard_normal((slots, kv, cache_len, d), dtype=np.float32),
         "slot_ids": np.array([slot for slot, _, _ in rows], dtype=np.int64),
-        "position_ids": np.full((b, s), -1, dtype=np.int64),
+        "position_ids": pos,
+        "seq_lens": np.array([n for _, _, n in rows], dtype=np.int64),
     }
-    for i, (_, start, n) in enumerate(rows):
-        feed["position_ids"][i, :n] = np.arange(start, start + n)
-    return feed
 
 
 @pytest.mark.parametrize(
@@ -71,14 +76,23 @@ def test_op_matches_the_pytorch_reference(h, kv, d):
     """Ragged rows (decode rows, prefill chunks longer than the op's 8-query block, rows on top of a past and
     rows without one), slots in any order, right padding: every output within fp32 rounding of the reference."""
     rng = np.random.default_rng(h * 100 + d)
-    rows = [(3, 40, 1), (0, 0, 19), (5, 7, 9), (1, 63, 1), (2, 0, 1)]  # (slot, start, new tokens)
+    rows = [(3, 40, 1), (0, 0, 19), (5, 7, 9), (1, 62, 2), (2, 0, 1)]  # (slot, start, new tokens)
     feed = _case(rng, h, kv, d, slots=6, cache_len=64, rows=rows)
     got = _session(h, kv, d).run(None, feed)[0]
     ref = slot_attention_reference(*(torch.from_numpy(feed[n]) for n in feed)).numpy()
     # Reference and op sum in different orders; outputs are averages of unit-normal values.
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
-    for i, (_, _, n) in enumerate(rows):
-        assert not got[i, n:].any()  # padding positions are zero, not garbage
+    assert not got[0, -2:].any()  # padding tokens are zero, not garbage
+    # Each row alone in a call of its own gives the same outputs: rows never see each other.
+    i = 0
+    for slot, _, n in rows:
+        one = {**feed, "slot_ids": np.array([slot]), "seq_lens": np.array([n])}
+        for name in ("q", "k", "v", "position_ids"):
+            one[name] = feed[name][:, i : i + n]
+        np.testing.assert_allclose(
+            _session(h, kv, d).run(None, one)[0][0], got[0, i : i + n], atol=1e-6, rtol=0
+        )
+        i += n
 
 
 def test_op_with_threads_matches_one_thread():
@@ -94,11 +108,14 @@ def test_op_with_threads_matches_one_thread():
     [
         ([(6, 0, 1)], r"row 0: slot 6 is outside 0\.\.5"),
         ([(0, 0, 1), (1, 60, 5)], r"row 1: positions 60\.\.64 are outside the cache's 0\.\.63"),
+        ([(0, 0, 3), (1, 0, 2)], r"row 1: 9 tokens from token 3 do not fit the call's 7 tokens"),
     ],
 )
 def test_op_refuses_rows_outside_the_cache(rows, message):
-    """A bad slot or position is an error naming the row, never a read outside the cache."""
+    """A bad slot, position or row length is an error naming the row, never a read outside the cache."""
     feed = _case(np.random.default_rng(0), 8, 4, 32, slots=6, cache_len=64, rows=rows)
+    if "9 tokens" in message:
+        feed["seq_lens"] = np.array([3, 9])
     with pytest.raises(Exception, match=message):
         _session(8, 4, 32).run(None, feed)
 

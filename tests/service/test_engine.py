@@ -64,12 +64,22 @@ def test_request_arriving_mid_decode_gets_its_first_token_before_the_earlier_one
     ref = generate(tiny_model, [a.prompt, b.prompt], 30, GREEDY, stop_ids=tiny_tokenizer.stop_ids)
     assert a.output == ref[0].tokens and b.output == ref[1].tokens
     assert engine.free_slots and len(engine.free_slots) == 4 and not engine.running
+    if runner == "onnx":  # the slot graph ran b's prefill and a's decode row as one forward
+        assert engine.mixed_steps >= 1
 
 
-def test_long_prompt_is_chunked_and_running_streams_get_a_token_every_step(long_checkpoint, tiny_tokenizer):
+@pytest.mark.parametrize("runner", ["torch", "onnx"])
+def test_long_prompt_is_chunked_and_running_streams_get_a_token_every_step(
+    runner, long_checkpoint, tiny_tokenizer, tmp_path
+):
     model, path = long_checkpoint
+    if runner == "onnx":  # chunks packed with the decode rows into one forward a step (the slot graph)
+        from export.onnx_export import export_bundle
+
+        export_bundle(path, tmp_path / "bundle", attention="slot")
+        path = tmp_path / "bundle"
     budget = 128
-    engine = make_engine(path, tiny_tokenizer, "torch", slots=4, budget=budget)
+    engine = make_engine(path, tiny_tokenizer, runner, slots=4, budget=budget)
     streams = [Sequence(chat_ids(tiny_tokenizer, p), GREEDY, max_tokens=60) for p in PROMPTS[:3]]
     engine.submit(streams)
     for _ in range(3):
@@ -90,6 +100,10 @@ def test_long_prompt_is_chunked_and_running_streams_get_a_token_every_step(long_
     # Chunked prefill gives what one whole prefill gives.
     ref = generate(model, [long_prompt], 4, GREEDY, stop_ids=tiny_tokenizer.stop_ids)[0]
     assert big.output == ref.tokens
+    if runner == "onnx":
+        assert engine.mixed_steps >= 8
+        refs = generate(model, [s.prompt for s in streams], 60, GREEDY, stop_ids=tiny_tokenizer.stop_ids)
+        assert [s.output for s in streams] == [r.tokens for r in refs]
 
 
 def test_prefix_cache_skips_shared_prefix_and_keeps_output(tiny_checkpoint, tiny_tokenizer, tiny_model):
