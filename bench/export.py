@@ -387,8 +387,9 @@ def _slot_layer(h, kv, d) -> bytes:
         helper.make_tensor_value_info("v", f, ["B", "S", kv, d]),
         helper.make_tensor_value_info("past_k", f, ["N", kv, "L", d]),
         helper.make_tensor_value_info("past_v", f, ["N", kv, "L", d]),
-        helper.make_tensor_value_info("slot_ids", T.INT64, ["B"]),
+        helper.make_tensor_value_info("slot_ids", T.INT64, ["R"]),
         helper.make_tensor_value_info("position_ids", T.INT64, ["B", "S"]),
+        helper.make_tensor_value_info("seq_lens", T.INT64, ["R"]),
     ]
     node = helper.make_node("SlotAttention", [i.name for i in inputs], ["out"], domain=DOMAIN)
     out = [helper.make_tensor_value_info("out", f, ["B", "S", h * d])]
@@ -528,7 +529,8 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
             ios = slot.io_binding()
             ios.bind_ortvalue_input("past_k", ort.OrtValue.ortvalue_from_numpy(ck))
             ios.bind_ortvalue_input("past_v", ort.OrtValue.ortvalue_from_numpy(cv))
-            qs, ks, vs = q, k.reshape(b, 1, kv, d), v.reshape(b, 1, kv, d)
+            # the b decode rows packed into one row of b tokens, as the runner calls it
+            qs, ks, vs = q.reshape(1, b, h * d), k.reshape(1, b, kv, d), v.reshape(1, b, kv, d)
 
             def run_s(ios=ios, b=b, ctx=ctx, slot_ids=slot_ids, qs=qs, ks=ks, vs=vs):
                 for name, arr in (
@@ -536,14 +538,15 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
                     ("k", ks),
                     ("v", vs),
                     ("slot_ids", slot_ids),
-                    ("position_ids", np.full((b, 1), ctx)),
+                    ("position_ids", np.full((1, b), ctx)),
+                    ("seq_lens", np.ones(b, np.int64)),
                 ):
                     ios.bind_cpu_input(name, arr)
                 ios.clear_binding_outputs()
                 ios.bind_output("out")
                 slot.run_with_iobinding(ios)
-                ck[slot_ids, :, ctx] = ks[:, 0]
-                cv[slot_ids, :, ctx] = vs[:, 0]
+                ck[slot_ids, :, ctx] = ks[0]
+                cv[slot_ids, :, ctx] = vs[0]
 
             ta, tb, ts = [], [], []
             for _ in range(repeat):  # interleaved, so load from other processes hits all alike
