@@ -161,11 +161,11 @@ class ServedGraph(nn.Module):
     """One forward over the engine's slot cache, for any mix of prefill chunks and decode rows.
 
     Inputs
-      input_ids [B,S] int64        right-padded rows
-      position_ids [B,S] int64     row b holds positions start_b.. ; -1 marks padding (output ignored)
-      logits_index [B,N] int64     which positions of each row get logits: N=1 (last token) or every position
+      input_ids [B,S] int64        gather: right-padded rows; slot: B = 1, the rows packed one after another
+      position_ids [B,S] int64     each token's position (row r's start_r, start_r+1, ..); -1 marks padding
+      logits_index [B,N] int64     which tokens get logits: each row's last, or every one
       attention="slot" (default):
-        slot_ids [B] int64                        cache slot of each row
+        slot_ids [R] int64, seq_lens [R] int64    cache slot and token count of each row
         past_key.{i}, past_value.{i} [slots, KV, cache_len, D] float32   layer i's whole cache, as it is
       attention="gather" (standard ONNX ops only):
         kv_index [B,KV,C] int64    row of each past chunk in the cache viewed as chunk rows:
@@ -175,8 +175,10 @@ class ServedGraph(nn.Module):
       logits [B,N,V]; new_key.{i}, new_value.{i} for the runner to write at positions start_b..:
       [B,S,KV,D] (slot) or [B,KV,S,D] (gather)
 
-    Past position l of row b is visible when l < start_b; the new tokens see each other causally. Neither
-    design copies the cache whole; they differ in how attention reads it.
+    Past position l of a row is visible when l < its start; a row's new tokens see each other causally. Neither
+    design copies the cache whole; they differ in how attention reads it. The slot graph's packing means a
+    step's decode rows and prefill chunks go through one call with no padding (`OnnxRunner.step`), so the
+    weights are read once a step.
 
     slot: each layer's attention is one `ai.instructlm::SlotAttention` node (export/csrc/slot_attention.cc,
     an onnxruntime custom op built by export/custom_ops.py), which reads every row's own positions of its slot
@@ -200,14 +202,14 @@ class ServedGraph(nn.Module):
     cache copy when sequences end out of order), takes one new-token count for all rows, and its kernel was no
     faster than the optimum loop at batch 16; the standard-op gather graph could not get below the loop's one
     copy either. Median CPU ms per decode step, demo model, one thread, context 128, `bench/export.py`
-    (docs/BENCHMARKS.md, 20:40 UTC run):
+    (docs/BENCHMARKS.md, 20:49 UTC run):
 
         batch   slot (served)   gather graph   GQA prototype   optimum loop   PyTorch eager
-        1         1.00            1.07            0.93            1.39           3.61
-        16        3.31            4.63            4.34            4.36          11.27
+        1         0.95            1.03            0.91            1.41           3.53
+        16        3.12            4.24            4.13            4.06          10.50
 
-    One attention layer alone, batch 16, context 512, the cache rows hot: slot op 271 us, GroupQueryAttention
-    550, gather + mask 796.
+    One attention layer alone, batch 16, context 512, the cache rows hot: slot op 245 us, GroupQueryAttention
+    501, gather + mask 676.
     """
 
     def __init__(self, model: Transformer, attention: str = "slot") -> None:
