@@ -372,32 +372,6 @@ def _gqa_layer(h, kv, d, max_len) -> bytes:
     return helper.make_model(graph, opset_imports=ops).SerializeToString()
 
 
-def _slot_layer(h, kv, d) -> bytes:
-    """The served design: the SlotAttention op (export/csrc) reading the whole cache [slots, KV, max_len, D] in
-    place, rows picked by slot id; the runner writes the new k/v afterwards."""
-    from onnx import TensorProto as T
-    from onnx import helper
-
-    from export.custom_ops import DOMAIN
-
-    f = T.FLOAT
-    inputs = [
-        helper.make_tensor_value_info("q", f, ["B", "S", h * d]),
-        helper.make_tensor_value_info("k", f, ["B", "S", kv, d]),
-        helper.make_tensor_value_info("v", f, ["B", "S", kv, d]),
-        helper.make_tensor_value_info("past_k", f, ["N", kv, "L", d]),
-        helper.make_tensor_value_info("past_v", f, ["N", kv, "L", d]),
-        helper.make_tensor_value_info("slot_ids", T.INT64, ["R"]),
-        helper.make_tensor_value_info("position_ids", T.INT64, ["B", "S"]),
-        helper.make_tensor_value_info("seq_lens", T.INT64, ["R"]),
-    ]
-    node = helper.make_node("SlotAttention", [i.name for i in inputs], ["out"], domain=DOMAIN)
-    out = [helper.make_tensor_value_info("out", f, ["B", "S", h * d])]
-    graph = helper.make_graph([node], "slot", inputs, out)
-    ops = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
-    return helper.make_model(graph, opset_imports=ops).SerializeToString()
-
-
 def _mask_layer(h, kv, d, chunk, path: Path) -> None:
     """Design B (chosen): the served graph's attention: gather this batch's used chunks of positions from the
     cache, append the new k/v, grouped attention under an additive length mask; the runner writes the new
@@ -459,7 +433,7 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
     evict them): these figures are compute, the decoder tables below include the memory traffic."""
     import onnxruntime as ort
 
-    from export.custom_ops import find_library
+    from export.custom_ops import find_library, slot_attention_model
     from export.onnx_export import KV_CHUNK
 
     h, kv, d, slots, max_len, chunk = 8, 4, 32, 16, 1024, KV_CHUNK
@@ -471,7 +445,7 @@ def design_comparison(threads: int, tmp: Path, repeat: int = 200) -> list[str]:
     sopts = ort.SessionOptions()
     sopts.intra_op_num_threads = threads
     sopts.register_custom_ops_library(str(find_library()))
-    slot = ort.InferenceSession(_slot_layer(h, kv, d), sopts, providers=["CPUExecutionProvider"])
+    slot = ort.InferenceSession(slot_attention_model(h, kv, d), sopts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ck = rng.standard_normal((slots, kv, max_len, d), dtype=np.float32)
     cv = rng.standard_normal((slots, kv, max_len, d), dtype=np.float32)

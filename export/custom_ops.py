@@ -69,6 +69,29 @@ def find_library() -> Path | None:
     return lib if lib.is_file() else None
 
 
+def slot_attention_model(heads: int, kv_heads: int, head_dim: int) -> bytes:
+    """A one-node ONNX model of the SlotAttention op (the inputs as export/csrc/slot_attention.cc lists them),
+    for tests and benchmarks of the op alone. Needs the `onnx` package (imported here, not at module level)."""
+    from onnx import TensorProto, helper
+
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("q", f, ["B", "S", heads * head_dim]),
+        helper.make_tensor_value_info("k", f, ["B", "S", kv_heads, head_dim]),
+        helper.make_tensor_value_info("v", f, ["B", "S", kv_heads, head_dim]),
+        helper.make_tensor_value_info("past_k", f, ["N", kv_heads, "L", head_dim]),
+        helper.make_tensor_value_info("past_v", f, ["N", kv_heads, "L", head_dim]),
+        helper.make_tensor_value_info("slot_ids", i64, ["R"]),
+        helper.make_tensor_value_info("position_ids", i64, ["B", "S"]),
+        helper.make_tensor_value_info("seq_lens", i64, ["R"]),
+    ]
+    node = helper.make_node("SlotAttention", [i.name for i in inputs], ["out"], domain=DOMAIN)
+    out = [helper.make_tensor_value_info("out", f, ["B", "S", heads * head_dim])]
+    graph = helper.make_graph([node], "slot_attention", inputs, out)
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=ops).SerializeToString()
+
+
 def _fetch(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=60) as r:

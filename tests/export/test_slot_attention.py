@@ -12,7 +12,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 from export import custom_ops
 from export.graphs import slot_attention_reference
@@ -23,28 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _session(h: int, kv: int, d: int, threads: int = 1) -> ort.InferenceSession:
-    f = TensorProto.FLOAT
-    inputs = [
-        helper.make_tensor_value_info("q", f, ["B", "S", h * d]),
-        helper.make_tensor_value_info("k", f, ["B", "S", kv, d]),
-        helper.make_tensor_value_info("v", f, ["B", "S", kv, d]),
-        helper.make_tensor_value_info("past_k", f, ["N", kv, "L", d]),
-        helper.make_tensor_value_info("past_v", f, ["N", kv, "L", d]),
-        helper.make_tensor_value_info("slot_ids", TensorProto.INT64, ["R"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"]),
-        helper.make_tensor_value_info("seq_lens", TensorProto.INT64, ["R"]),
-    ]
-    node = helper.make_node("SlotAttention", [i.name for i in inputs], ["out"], domain=custom_ops.DOMAIN)
-    graph = helper.make_graph(
-        [node], "slot", inputs, [helper.make_tensor_value_info("out", f, ["B", "S", h * d])]
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(custom_ops.DOMAIN, 1)]
-    )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.register_custom_ops_library(str(custom_ops.find_library()))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    model = custom_ops.slot_attention_model(h, kv, d)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _case(rng, h, kv, d, slots, cache_len, rows, pad=2):
