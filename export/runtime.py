@@ -319,10 +319,8 @@ class OnnxRunner:
 
     # --- the Runner interface ----------------------------------------------------------------------------
     def _index(self, slots: np.ndarray, past_len: int) -> np.ndarray:
-        """The graph's fourth input: slot_ids [B] (slot) or kv_index [B, KV, C] (gather: the chunks covering
-        past_len positions; the graph masks each row's positions >= its start)."""
-        if self.attention == "slot":
-            return slots
+        """The gather graph's kv_index [B, KV, C]: the chunks covering past_len positions (the graph masks each
+        row's positions >= its start)."""
         chunks = -(-past_len // self.kv_chunk)
         return self._base[slots][:, :, None] + np.arange(chunks, dtype=np.int64)
 
@@ -333,14 +331,20 @@ class OnnxRunner:
         return (b, cfg.num_key_value_heads, s, cfg.head_dim)
 
     def _run(self, ids, pos, logits_index, slots, past_len):
-        import onnxruntime as ort
-
+        """The gather graph over right-padded rows [B, S]: logits [B, N, V] and the new keys/values."""
         index = self._index(slots, past_len)
         for name, arr in zip(self._inputs, (ids, pos, logits_index, index), strict=True):
             self._io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
-        # New keys/values go into one numpy buffer bound once per shape (B, S): consecutive decode steps at the
-        # same batch size rebind them and copy nothing out (saved about 0.2 ms per step at batch 1).
-        (b, s), n = ids.shape, logits_index.shape[1]
+        logits = self._bind_outputs(*ids.shape, logits_index.shape[1])
+        self.session.run_with_iobinding(self._io)
+        return logits, self._new
+
+    def _bind_outputs(self, b: int, s: int, n: int) -> np.ndarray:
+        """Bind the call's outputs on `_io`; returns the logits array [b, n, V] onnxruntime will write.
+
+        New keys/values go into one numpy buffer bound once per shape (B, S): consecutive calls of the same
+        shape rebind nothing and copy nothing out (saved about 0.2 ms per step at batch 1)."""
+        ort = _ort()
         cfg = self.config
         if self._out_shape != (b, s):
             # new_{key,value}.{i} are views of one [layers, 2, B, KV, S, D] array (slot: [.., B, S, KV, D]).
@@ -356,8 +360,7 @@ class OnnxRunner:
         # onnxruntime directly (binding it costs ~2 us; copying a bound one out cost ~30 us at batch 16).
         logits = np.empty((b, n, cfg.vocab_size), np.float32)
         self._io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        self.session.run_with_iobinding(self._io)
-        return logits, self._new
+        return logits
 
     def _run_packed(
         self,
@@ -369,8 +372,6 @@ class OnnxRunner:
     ) -> np.ndarray:
         """The slot graph over rows packed into one row of T tokens: logits [N, V] at `logits_index` (token
         indices); writes every token's new keys/values into its slot. Rows are checked by the caller."""
-        ort = _ort()
-        cfg = self.config
         t = int(lens.sum())
         ids = np.fromiter((x for r in rows for x in r), dtype=np.int64, count=t)
         first = np.cumsum(lens) - lens
@@ -380,18 +381,7 @@ class OnnxRunner:
             SLOT_INPUTS, (ids[None], pos[None], logits_index[None], slots, lens), strict=True
         ):
             self._io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
-        if self._out_shape != (1, t):
-            # new_{key,value}.{i} are views of one [layers, 2, 1, T, KV, D] array
-            self._new = np.empty((cfg.num_hidden_layers, 2, *self._new_shape(1, t)), np.float32)
-            self._io.clear_binding_outputs()
-            for i in range(cfg.num_hidden_layers):
-                for j, kind in enumerate(("key", "value")):
-                    self._io.bind_ortvalue_output(
-                        f"new_{kind}.{i}", ort.OrtValue.ortvalue_from_numpy(self._new[i, j])
-                    )
-            self._out_shape = (1, t)
-        logits = np.empty((1, len(logits_index), cfg.vocab_size), np.float32)
-        self._io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        logits = self._bind_outputs(1, t, len(logits_index))
         self.session.run_with_iobinding(self._io)
         # cache[:, :, slot, :, pos] <- new[:, :, 0, token]: [T, layers, 2, KV, D] on both sides
         self._kv[:, :, np.repeat(slots, lens), :, pos] = self._new[:, :, 0].transpose(2, 0, 1, 3, 4)
