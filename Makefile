@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml
 # The served graph's SlotAttention op (export/csrc): onnxruntime's API headers come from Debian's
 # libonnxruntime-dev (downloaded once, SHA-256 checked) unless ORT_INCLUDE_DIR points at them; needs g++.
 OPS_LIB := export/_ops/libinstructlm_ops.so
+# A failed build (no g++, no route to Debian) does not stop install: exports then fall back to the gather graph
+# (--attention auto) and the tests that need the op say how to build it.
 $(OPS_LIB): export/csrc/slot_attention.cc export/custom_ops.py | $(STAMP)
-	$(BIN)/python -m export.custom_ops build --force
+	$(BIN)/python -m export.custom_ops build --force \
+	  || echo "make install: the SlotAttention op library was not built (see above); exports fall back to --attention gather" >&2
 
 install: $(STAMP) $(OPS_LIB) ## create .venv with torch 2.13.0 (CPU) and the dev extras; build the ONNX custom op
 
